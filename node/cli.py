@@ -1,0 +1,412 @@
+"""``sijnode``: the service and the admin's window into it.
+
+Every read command goes to the database, so it works while the service runs. Tables for
+people, ``--json`` for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, is_dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from node.config import Config, ConfigError, load_config
+from storage.models import utcnow
+
+DEFAULT_CONFIG = "config.yaml"
+console = Console()
+errors = Console(stderr=True)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if is_dataclass(value) and not isinstance(value, type):
+        return _jsonable(asdict(value))
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "__table__"):  # an ORM row
+        return {c.name: _jsonable(getattr(value, c.key)) for c in value.__table__.columns}
+    return value
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(_jsonable(value), indent=2))
+
+
+def _ago(moment: datetime | None) -> str:
+    if moment is None:
+        return "-"
+    seconds = int((utcnow() - moment).total_seconds())
+    if seconds < 120:
+        return f"{seconds}s ago"
+    if seconds < 7200:
+        return f"{seconds // 60}m ago"
+    if seconds < 172800:
+        return f"{seconds // 3600}h ago"
+    return f"{seconds // 86400}d ago"
+
+
+def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table:
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*("-" if v is None else str(v) for v in row))
+    return table
+
+
+def _open_store(config: Config):
+    from storage.store import open_store
+
+    return open_store(config.database_url)
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace, config: Config) -> int:
+    from node.logs import setup_logging
+    from node.service import Service
+
+    setup_logging(config.logging.level, config.logging.format, config.logging.file)
+    Service(config, str(Path(args.config).resolve())).run()
+    return 0
+
+
+def service_running(heartbeat: dict[str, Any] | None) -> bool:
+    """The service is running when its heartbeat is fresh and, on this host, its pid is alive."""
+    from node.service import HEARTBEAT_SECONDS
+
+    if not heartbeat or utcnow() - heartbeat["beat_at"] > timedelta(seconds=HEARTBEAT_SECONDS * 3):
+        return False
+    if heartbeat["host"] == socket.gethostname():
+        try:
+            os.kill(heartbeat["pid"], 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+    return True
+
+
+def cmd_status(args: argparse.Namespace, config: Config) -> int:
+    from node.service import HEARTBEAT_NAME
+
+    store = _open_store(config)
+    overview = store.overview()
+    heartbeat = overview["heartbeats"].get(HEARTBEAT_NAME)
+    spool_dir = config.storage.data_dir
+    usage = shutil.disk_usage(spool_dir if spool_dir.exists() else spool_dir.parent)
+    destinations = {}
+    for peer in config.destinations:
+        health = overview["destination_health"].get(peer.name, {})
+        destinations[peer.name] = {
+            "ae_title": peer.ae_title,
+            "address": f"{peer.host}:{peer.port}",
+            "deliveries": overview["deliveries_by_destination"].get(peer.name, {}),
+            **health,
+        }
+    report = {
+        "running": service_running(heartbeat),
+        "service": heartbeat,
+        "studies": overview["studies"],
+        "jobs": overview["jobs"],
+        "deliveries": overview["deliveries"],
+        "destinations": destinations,
+        "counters": overview["counters"],
+        "spool": {"path": str(spool_dir), "free_bytes": usage.free, "reserve_bytes": config.storage.free_space_reserve_mb * 2**20},
+    }
+    if args.json:
+        _print_json(report)
+        return 0
+    if report["running"]:
+        detail = heartbeat["detail"]
+        console.print(
+            f"[green]● running[/green] pid {heartbeat['pid']} on {heartbeat['host']}, "
+            f"AE {detail.get('ae_title')} port {detail.get('port')}, {detail.get('workers')} worker(s), "
+            f"up since {heartbeat['started_at']:%Y-%m-%d %H:%M:%S} UTC"
+        )
+    else:
+        last = f" (last heartbeat {_ago(heartbeat['beat_at'])})" if heartbeat else ""
+        console.print(f"[red]○ not running[/red]{last}")
+    free_gib = usage.free / 2**30
+    low = usage.free < report["spool"]["reserve_bytes"]
+    console.print(f"spool {spool_dir}: {'[red]' if low else ''}{free_gib:.1f} GiB free{' — below the reserve: C-STORE answers 0xA700' if low else ''}")
+    states = ("pending", "running", "done", "failed")
+    console.print(_table("Jobs", states, [[overview["jobs"].get(s, 0) for s in states]]))
+    delivery_states = ("pending", "sending", "done", "failed")
+    rows = [
+        [name, d["ae_title"], d["address"], *(d["deliveries"].get(s, 0) for s in delivery_states), _ago(d.get("last_success_at")), d.get("last_error") if d.get("last_failure_at") and (not d.get("last_success_at") or d["last_failure_at"] > d["last_success_at"]) else "-"]
+        for name, d in destinations.items()
+    ]
+    console.print(_table("Destinations", ["name", "AE", "address", *delivery_states, "last success", "last error"], rows))
+    console.print(_table("Studies", ["receiving", "complete"], [[overview["studies"].get("receiving", 0), overview["studies"].get("complete", 0)]]))
+    if overview["counters"]:
+        console.print(_table("Counters", ["event", "count"], sorted(overview["counters"].items())))
+    return 0
+
+
+def cmd_studies(args: argparse.Namespace, config: Config) -> int:
+    studies = _open_store(config).list_studies(args.limit)
+    if args.json:
+        _print_json(studies)
+        return 0
+    rows = [
+        [s.study_uid, s.study_date, s.description, s.instance_count, s.state, s.version, _ago(s.last_received_at), s.routing_note]
+        for s in studies
+    ]
+    console.print(_table("Studies", ["study UID", "date", "description", "instances", "state", "version", "last received", "routing"], rows))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace, config: Config) -> int:
+    detail = _open_store(config).study_detail(args.study_uid)
+    if detail is None:
+        errors.print(f"no study {args.study_uid}")
+        return 1
+    if args.json:
+        _print_json(detail)
+        return 0
+    study = detail["study"]
+    console.print(f"[bold]Study {study.study_uid}[/bold] — {study.state}, version {study.version}, {study.instance_count} instances; {study.routing_note or ''}")
+    console.print(
+        _table(
+            "Series",
+            ["series UID", "#", "modality", "description", "instances", "role", "plane", "input", "rule"],
+            [[s.series_uid, s.series_number, s.modality, s.description, s.instance_count, s.role, s.plane, s.counts_as_input, s.rule] for s in detail["series"]],
+        )
+    )
+    console.print(
+        _table(
+            "Jobs",
+            ["id", "chain", "version", "state", "attempts", "finished", "error"],
+            [[j.id, j.chain, j.study_version, j.state, j.attempts, _ago(j.finished_at), j.error] for j in detail["jobs"]],
+        )
+    )
+    console.print(
+        _table(
+            "Deliveries",
+            ["output SOP instance UID", "destination", "state", "attempts", "delivered", "last error"],
+            [[d.output_uid, d.destination, d.state, d.attempts, _ago(d.delivered_at), d.last_error] for d in detail["deliveries"]],
+        )
+    )
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace, config: Config) -> int:
+    jobs = _open_store(config).list_jobs(args.state, args.limit)
+    if args.json:
+        _print_json(jobs)
+        return 0
+    rows = [[j.id, j.study_uid, j.chain, j.study_version, j.state, j.attempts, _ago(j.created_at), _ago(j.finished_at), j.error] for j in jobs]
+    console.print(_table("Jobs", ["id", "study UID", "chain", "version", "state", "attempts", "created", "finished", "error"], rows))
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace, config: Config) -> int:
+    store = _open_store(config)
+    deliveries = store.retry_failed_deliveries(args.destination)
+    jobs = 0 if args.deliveries_only else store.retry_failed_jobs()
+    result = {"deliveries_requeued": deliveries, "jobs_requeued": jobs}
+    _print_json(result) if args.json else console.print(f"re-queued {deliveries} failed deliveries and {jobs} failed jobs")
+    return 0
+
+
+def _complete(args: argparse.Namespace, config: Config, new_version: bool) -> int:
+    from node.completion import complete_study
+
+    try:
+        result = complete_study(_open_store(config), config, args.study_uid, new_version=new_version)
+    except KeyError:
+        errors.print(f"no study {args.study_uid}")
+        return 1
+    if result.version is None:
+        errors.print("the study received new instances while completing; try again")
+        return 1
+    if args.json:
+        _print_json(result)
+    else:
+        chains = ", ".join(job.chain for job in result.jobs) or "none"
+        console.print(f"study {result.study_uid} complete (version {result.version}); jobs: {chains}\n{result.note}")
+    return 0
+
+
+def cmd_complete(args: argparse.Namespace, config: Config) -> int:
+    return _complete(args, config, new_version=False)
+
+
+def cmd_reprocess(args: argparse.Namespace, config: Config) -> int:
+    return _complete(args, config, new_version=True)
+
+
+def cmd_echo(args: argparse.Namespace, config: Config) -> int:
+    from node.sender import echo
+
+    try:
+        peer = config.peer(args.destination)
+    except KeyError as error:
+        errors.print(str(error.args[0]))
+        return 2
+    ok, text = echo(config, peer)
+    if args.json:
+        _print_json({"destination": peer.name, "ok": ok, "detail": text})
+    else:
+        console.print(f"{'[green]ok[/green]' if ok else '[red]failed[/red]'} {peer.name} ({peer.ae_title}@{peer.host}:{peer.port}): {text}")
+    return 0 if ok else 1
+
+
+def cmd_explain(args: argparse.Namespace, config: Config) -> int:
+    from pipeline.classify import classify_series
+
+    record = _open_store(config).series(args.series_uid)
+    if record is None:
+        errors.print(f"no series {args.series_uid}")
+        return 1
+    # Classify afresh with the current rules, and show what was stored at completion beside it.
+    now = classify_series(record.header, config.classification.rules, config.classification.tilt_tolerance_deg)
+    result = {
+        "series_uid": record.series_uid,
+        "description": record.description,
+        "current_rules": {"role": now.role.value, "plane": now.plane.value, "tilt_deg": now.tilt_deg, "counts_as_input": now.counts_as_input, "rule": now.rule, "reason": now.reason},
+        "at_completion": {"role": record.role, "plane": record.plane, "rule": record.rule, "reason": record.reason},
+        "header": record.header,
+    }
+    if args.json:
+        _print_json(result)
+        return 0
+    tilt = f" (tilt {now.tilt_deg:.1f}°)" if now.tilt_deg is not None else ""
+    console.print(f"[bold]{record.series_uid}[/bold] {record.description or ''}")
+    console.print(f"role [bold]{now.role.value}[/bold], plane [bold]{now.plane.value}[/bold]{tilt}, {'an input' if now.counts_as_input else 'never an input'}")
+    console.print(f"rule: {now.rule}\nwhy: {now.reason}")
+    if record.rule and (record.role, record.plane, record.rule) != (now.role.value, now.plane.value, now.rule):
+        console.print(f"[yellow]at completion it was {record.role}/{record.plane} by rule {record.rule}[/yellow]")
+    console.print(_table("Header facts used", ["attribute", "value"], sorted((k, v) for k, v in record.header.items())))
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace, config: Config) -> int:
+    problems = []
+    for chain in config.chains:
+        if chain.pack and not Path(chain.pack).exists():
+            problems.append(f"chains.{chain.name}.pack: {chain.pack} does not exist")
+    tls = config.receiver.tls
+    for path in (tls.certificate, tls.private_key, tls.client_ca):
+        if tls.enabled and path and not path.exists():
+            problems.append(f"receiver.tls: {path} does not exist")
+    summary = {
+        "config": str(Path(args.config).resolve()),
+        "receiver": f"{config.receiver.ae_title} on {config.receiver.bind}:{config.receiver.port}",
+        "database": config.database_url.split("@")[-1],
+        "peers": [p.name for p in config.peers],
+        "chains": [c.name for c in config.chains if c.enabled],
+        "problems": problems,
+    }
+    if args.json:
+        _print_json(summary)
+    else:
+        for problem in problems:
+            errors.print(f"[red]{problem}[/red]")
+        console.print(f"{'[red]config has problems' if problems else '[green]config ok'}[/]: {summary['config']}")
+        console.print(f"receiver {summary['receiver']}; database {summary['database']}; peers: {', '.join(summary['peers']) or 'none'}; chains: {', '.join(summary['chains']) or 'none'}")
+    return 1 if problems else 0
+
+
+def cmd_phantom(args: argparse.Namespace, config: Config | None) -> int:
+    from pipeline.phantom import write_studies
+
+    lesions: str | Path = args.lesions
+    if lesions not in ("none", "random"):
+        lesions = Path(lesions)
+        if not lesions.exists():
+            errors.print(f"--lesions: {lesions} does not exist (use none, random or a SPEC.json)")
+            return 2
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    folders = write_studies(Path(args.out), seed=args.seed, count=args.count, kinds=kinds, lesions=lesions, transfer_syntax=args.transfer_syntax)
+    if args.json:
+        _print_json([str(f) for f in folders])
+    else:
+        for folder in folders:
+            console.print(f"wrote {folder}")
+    return 0
+
+
+# -- parser ------------------------------------------------------------------------------------
+
+NEEDS_NO_CONFIG = {"phantom"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # The global options are accepted before or after the command (``sijnode status --json``).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS, help="config file (default: $SIJNODE_CONFIG or ./config.yaml)")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+    parser = argparse.ArgumentParser(prog="sijnode", description="DICOM node running sacroiliitis AI models.")
+    parser.add_argument("--config", default=os.environ.get("SIJNODE_CONFIG", DEFAULT_CONFIG), help="config file (default: $SIJNODE_CONFIG or ./config.yaml)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler: Callable, help_text: str) -> argparse.ArgumentParser:
+        command = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
+        command.set_defaults(handler=handler)
+        return command
+
+    add("serve", cmd_serve, "run the node: receiver, workers, sender")
+    add("status", cmd_status, "running or not, jobs and deliveries per state, destinations, spool")
+    add("studies", cmd_studies, "recent studies").add_argument("--limit", type=int, default=50)
+    add("show", cmd_show, "one study: series, jobs, deliveries").add_argument("study_uid")
+    jobs = add("jobs", cmd_jobs, "recent jobs")
+    jobs.add_argument("--state", choices=["pending", "running", "done", "failed"])
+    jobs.add_argument("--limit", type=int, default=50)
+    retry = add("retry", cmd_retry, "re-queue failed deliveries and failed jobs")
+    retry.add_argument("--destination", help="only deliveries to this destination")
+    retry.add_argument("--deliveries-only", action="store_true")
+    add("reprocess", cmd_reprocess, "run a study's chains again as a new version").add_argument("study_uid")
+    add("complete", cmd_complete, "complete a study now instead of waiting for its quiet period").add_argument("study_uid")
+    add("echo", cmd_echo, "C-ECHO a configured peer").add_argument("destination")
+    add("explain", cmd_explain, "why a series got its role and plane").add_argument("series_uid")
+    config_cmd = sub.add_parser("config", help="configuration commands", parents=[common])
+    config_sub = config_cmd.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
+    check = config_sub.add_parser("check", help="validate config.yaml and the files it names", parents=[common])
+    check.set_defaults(handler=cmd_config_check)
+    phantom = add("phantom", cmd_phantom, "write synthetic sacroiliac-joint studies with ground truth")
+    phantom.add_argument("--out", required=True)
+    phantom.add_argument("--seed", type=int, default=0)
+    phantom.add_argument("--count", type=int, default=1)
+    phantom.add_argument("--kinds", default="mri,ct,xr", help="comma-separated: mri, ct, xr")
+    phantom.add_argument("--lesions", default="random", help="none, random or a SPEC.json")
+    phantom.add_argument("--transfer-syntax", default=None, help="rle, jpeg-ls or jpeg2000 (default: uncompressed)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    config: Config | None = None
+    if args.command not in NEEDS_NO_CONFIG:
+        try:
+            config = load_config(args.config)
+        except ConfigError as error:
+            errors.print(f"[red]invalid configuration[/red]\n{error}", markup=True, highlight=False)
+            return 2
+    try:
+        return args.handler(args, config)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

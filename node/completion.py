@@ -1,0 +1,86 @@
+"""The route stage: a quiet (or forced) study is classified and gets one job per applicable chain.
+
+Shared by the service's completion loop and the CLI's ``complete`` and ``reprocess``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from node.config import Config
+from node.logs import log_event
+from pipeline.classify import classify_series
+from pipeline.route import SeriesCandidate, explain_routing, route_study
+from storage.store import NewJob, SeriesDecision, Store
+
+log = logging.getLogger("sijnode.completion")
+
+
+@dataclass(frozen=True)
+class CompletionResult:
+    study_uid: str
+    version: int | None  # None: new instances arrived meanwhile, the study stays open
+    jobs: list[NewJob]
+    note: str
+
+
+def complete_study(store: Store, config: Config, study_uid: str, new_version: bool = False) -> CompletionResult:
+    """Classify every series of the study, route it, and mark it complete in one transaction."""
+    snapshot = store.study_snapshot(study_uid)
+    if snapshot is None:
+        raise KeyError(f"no study {study_uid}")
+    study, series = snapshot
+    decisions: list[SeriesDecision] = []
+    candidates: list[SeriesCandidate] = []
+    for record in series:
+        decision = classify_series(record.header, config.classification.rules, config.classification.tilt_tolerance_deg)
+        decisions.append(
+            SeriesDecision(
+                record.series_uid,
+                decision.role.value,
+                decision.plane.value,
+                decision.tilt_deg,
+                decision.counts_as_input,
+                decision.rule,
+                decision.reason,
+            )
+        )
+        candidates.append(
+            SeriesCandidate(
+                series_uid=record.series_uid,
+                role=decision.role,
+                plane=decision.plane,
+                counts_as_input=decision.counts_as_input,
+                instance_count=record.instance_count,
+                series_number=record.series_number,
+            )
+        )
+    chains = [chain for chain in config.chains if chain.enabled]
+    routed = route_study(candidates, chains)
+    jobs = [NewJob(job.chain, dict(job.inputs)) for job in routed]
+    note = "; ".join(explain_routing(candidates, chains)) if chains else "no chain is configured"
+    if not jobs:
+        note = f"no applicable chain ({note})"
+    version = store.complete_study(study_uid, study.last_received_at, decisions, jobs, note, new_version=new_version)
+    log_event(
+        log,
+        logging.INFO,
+        "study complete" if version is not None else "study received more instances; completion postponed",
+        study_uid=study_uid,
+        version=version,
+        jobs=[job.chain for job in jobs],
+        series=len(series),
+    )
+    return CompletionResult(study_uid, version, jobs, note)
+
+
+def complete_due_studies(store: Store, config: Config) -> list[CompletionResult]:
+    """Complete every study that has been quiet for the configured period."""
+    results = []
+    for study_uid in store.studies_due(config.study.quiet_seconds):
+        try:
+            results.append(complete_study(store, config, study_uid))
+        except Exception:
+            log.exception("completing a study failed", extra={"fields": {"study_uid": study_uid}})
+    return results

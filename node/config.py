@@ -1,0 +1,236 @@
+"""The node's configuration: config.yaml validated by pydantic at start.
+
+An invalid file is reported key by key (``ConfigError``) and the command exits non-zero.
+Relative paths in the file are resolved against the file's own folder, so the shipped
+config.yaml works from any working directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.classify import ClassificationRule, check_rule_names
+from pipeline.route import ChainSpec
+
+
+class _Strict(BaseModel):
+    # A misspelt key must be an error, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid")
+
+
+AETitle = Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[\x20-\x5b\x5d-\x7e]*[^ ][\x20-\x5b\x5d-\x7e]*$")]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class TLSServerConfig(_Strict):
+    """DICOM TLS for the receiver (PS3.15 Annex B)."""
+
+    enabled: bool = False
+    certificate: Path | None = None
+    private_key: Path | None = None
+    # When set, clients must present a certificate signed by one of these CAs.
+    client_ca: Path | None = None
+
+    @model_validator(mode="after")
+    def _files_when_enabled(self) -> "TLSServerConfig":
+        if self.enabled and (self.certificate is None or self.private_key is None):
+            raise ValueError("tls.enabled needs certificate and private_key")
+        return self
+
+
+class TLSClientConfig(_Strict):
+    """DICOM TLS towards one peer."""
+
+    enabled: bool = False
+    ca: Path | None = None  # verify the peer's certificate against this CA bundle
+    certificate: Path | None = None  # our client certificate, when the peer asks for one
+    private_key: Path | None = None
+    server_hostname: str | None = None
+
+
+class ReceiverConfig(_Strict):
+    """The C-STORE / C-ECHO SCP."""
+
+    ae_title: AETitle = "SIJNODE"
+    bind: str = "0.0.0.0"
+    port: Port = 11112
+    # Accept every storage SOP class, not just the image classes the chains use.
+    accept_any_storage: bool = False
+    # Calling AE titles allowed besides the peers'; "allow_any_calling_ae" lifts the check.
+    extra_calling_ae_titles: list[AETitle] = []
+    allow_any_calling_ae: bool = False
+    # Optional source-address allowlist (IP addresses or CIDR networks); empty = any.
+    allowed_source_addresses: list[str] = []
+    max_pdu_bytes: Annotated[int, Field(ge=0)] = 262144
+    max_associations: Annotated[int, Field(ge=1)] = 16
+    network_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    tls: TLSServerConfig = TLSServerConfig()
+
+
+class StorageConfig(_Strict):
+    data_dir: Path = Path("var")
+    # SQLAlchemy URL; default: SQLite in data_dir. PostgreSQL: postgresql+psycopg://user@host/db
+    database_url: str | None = None
+    duplicates: Literal["keep-first", "replace"] = "keep-first"
+    # Below this much free space in the spool, C-STORE answers 0xA700 (out of resources).
+    free_space_reserve_mb: Annotated[int, Field(ge=0)] = 1024
+
+
+class StudyConfig(_Strict):
+    quiet_seconds: Annotated[float, Field(ge=0)] = 30.0
+    # Instances that arrive after a study completed: re-open it and process a new version,
+    # or keep them without processing again.
+    late_instances: Literal["reprocess", "ignore"] = "reprocess"
+
+
+class WorkerConfig(_Strict):
+    processes: Annotated[int, Field(ge=0)] = 1
+    max_attempts: Annotated[int, Field(ge=1)] = 3
+    lease_seconds: Annotated[float, Field(gt=0)] = 1800.0
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    torch_threads: Annotated[int, Field(ge=1)] = 2
+
+
+class DispatchConfig(_Strict):
+    initial_backoff_s: Annotated[float, Field(gt=0)] = 10.0
+    max_backoff_s: Annotated[float, Field(gt=0)] = 900.0
+    # A delivery not acknowledged within this age is marked failed (``sijnode retry`` re-queues it).
+    max_age_hours: Annotated[float, Field(gt=0)] = 72.0
+    batch_size: Annotated[int, Field(ge=1)] = 50
+    network_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+
+
+class PeerConfig(_Strict):
+    """A DICOM application entity the node talks to: it may send studies, receive results, or both."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
+    ae_title: AETitle
+    host: str
+    port: Port
+    # Results are sent to every peer with send_results true.
+    send_results: bool = True
+    tls: TLSClientConfig = TLSClientConfig()
+
+
+class ClassificationConfig(_Strict):
+    tilt_tolerance_deg: Annotated[float, Field(ge=0, le=45)] = 30.0
+    # Tried in order before the built-in rules; the first match wins.
+    rules: list[ClassificationRule] = []
+
+    @model_validator(mode="after")
+    def _rule_names_unique(self) -> "ClassificationConfig":
+        check_rule_names(self.rules)
+        return self
+
+
+class LoggingConfig(_Strict):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["json", "text"] = "json"
+    file: Path | None = None  # default: standard error (journald under systemd)
+
+
+class Config(_Strict):
+    """The whole config.yaml."""
+
+    receiver: ReceiverConfig = ReceiverConfig()
+    storage: StorageConfig = StorageConfig()
+    study: StudyConfig = StudyConfig()
+    workers: WorkerConfig = WorkerConfig()
+    dispatch: DispatchConfig = DispatchConfig()
+    peers: list[PeerConfig] = []
+    classification: ClassificationConfig = ClassificationConfig()
+    chains: list[ChainSpec] = []
+    logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "Config":
+        for what, names in (("peers", [p.name for p in self.peers]), ("chains", [c.name for c in self.chains])):
+            duplicates = sorted({n for n in names if names.count(n) > 1})
+            if duplicates:
+                raise ValueError(f"{what}: duplicate name(s) {', '.join(duplicates)}")
+        return self
+
+    @property
+    def database_url(self) -> str:
+        return self.storage.database_url or f"sqlite:///{self.storage.data_dir / 'sijnode.db'}"
+
+    @property
+    def allowed_calling_ae_titles(self) -> list[str]:
+        """The calling-AE allowlist: every configured peer plus the extra titles."""
+        return sorted({p.ae_title for p in self.peers} | set(self.receiver.extra_calling_ae_titles))
+
+    @property
+    def destinations(self) -> list[PeerConfig]:
+        return [p for p in self.peers if p.send_results]
+
+    def peer(self, name: str) -> PeerConfig:
+        for peer in self.peers:
+            if peer.name == name:
+                return peer
+        raise KeyError(f"no peer named {name!r} in the config")
+
+
+class ConfigError(Exception):
+    """config.yaml cannot be used; the message names each key and its problem."""
+
+
+def _resolve_paths(config: Config, base: Path) -> Config:
+    """Make relative paths relative to the config file's folder."""
+
+    def resolve(path: Path | None) -> Path | None:
+        if path is None or path.is_absolute():
+            return path
+        return (base / path).resolve()
+
+    config.storage.data_dir = resolve(config.storage.data_dir)
+    if config.logging.file is not None:
+        config.logging.file = resolve(config.logging.file)
+    tls = config.receiver.tls
+    tls.certificate, tls.private_key, tls.client_ca = map(resolve, (tls.certificate, tls.private_key, tls.client_ca))
+    for peer in config.peers:
+        peer.tls.ca, peer.tls.certificate, peer.tls.private_key = map(
+            resolve, (peer.tls.ca, peer.tls.certificate, peer.tls.private_key)
+        )
+    for chain in config.chains:
+        if chain.pack and not Path(chain.pack).is_absolute():
+            chain.pack = str((base / chain.pack).resolve())
+    return config
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        lines.append(f"{key}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any], base: Path) -> Config:
+    """Validate an already-parsed config mapping; relative paths resolve against ``base``."""
+    try:
+        return _resolve_paths(Config.model_validate(data), base)
+    except ValidationError as error:
+        raise ConfigError(_describe(error)) from None
+
+
+def load_config(path: Path | str) -> Config:
+    """Read and validate config.yaml, raising ConfigError with a readable message."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    try:
+        return parse_config(data, path.resolve().parent)
+    except ConfigError as error:
+        raise ConfigError(f"{path}:\n{error}") from None

@@ -1,0 +1,366 @@
+"""The C-STORE / C-ECHO SCP: the receive stage.
+
+An instance is answered Success only after its file is in the spool (fsynced, renamed into
+place) and its row is committed. Anything that goes wrong with one instance gets the matching
+C-STORE failure status and the association carries on.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pydicom import Dataset
+from pydicom.dataelem import DataElement
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import UID
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, build_context, evt
+from pynetdicom.acse import ACSE
+from pynetdicom.sop_class import (
+    ComputedRadiographyImageStorage,
+    CTImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    EnhancedCTImageStorage,
+    EnhancedMRImageStorage,
+    MRImageStorage,
+    MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+    MultiFrameTrueColorSecondaryCaptureImageStorage,
+    SecondaryCaptureImageStorage,
+    Verification,
+)
+from pynetdicom.transport import ThreadedAssociationServer
+
+from node.config import Config
+from node.logs import log_event
+from pipeline.classify import header_summary
+from storage.spool import Spool, SpoolFullError
+from storage.store import IncomingInstance, RecordOutcome, Store
+
+log = logging.getLogger("sijnode.receiver")
+
+IMAGE_STORAGE_CLASSES = (
+    MRImageStorage,
+    EnhancedMRImageStorage,
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    SecondaryCaptureImageStorage,
+    MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+    MultiFrameTrueColorSecondaryCaptureImageStorage,
+)
+
+# Uncompressed, deflated, JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000 and RLE.
+ACCEPTED_TRANSFER_SYNTAXES = [
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline (Process 1)
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended (Process 2 & 4)
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless (Process 14)
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+]
+
+
+class Status:
+    """C-STORE statuses the receiver answers with (PS3.4 B.2.3, PS3.7 C)."""
+
+    SUCCESS = 0x0000
+    OUT_OF_RESOURCES = 0xA700
+    DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+    CANNOT_UNDERSTAND = 0xC210
+
+
+class InstanceRejected(Exception):
+    """One instance cannot be accepted; ``status`` is the C-STORE status to answer."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def presentation_contexts(accept_any_storage: bool) -> list:
+    """The SCP's supported contexts: the image classes (or every storage class) plus Verification."""
+    classes = [cx.abstract_syntax for cx in AllStoragePresentationContexts] if accept_any_storage else IMAGE_STORAGE_CLASSES
+    syntaxes = ALL_TRANSFER_SYNTAXES if accept_any_storage else ACCEPTED_TRANSFER_SYNTAXES
+    contexts = [build_context(uid, syntaxes) for uid in classes]
+    contexts.append(build_context(Verification))
+    return contexts
+
+
+def address_allowed(address: str, allowed: list[str]) -> bool:
+    """Whether a peer address is within the source allowlist (empty list: any address)."""
+    if not allowed:
+        return True
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in ipaddress.ip_network(entry, strict=False) for entry in allowed)
+
+
+class _SourceAddressRejectingACSE(ACSE):
+    """Rejects the association before negotiation: its source address is not allowed.
+
+    pynetdicom checks calling AE titles itself but has no address allowlist, so the receiver
+    swaps this in for disallowed peers on EVT_CONN_OPEN. PS3.8 has no diagnostic for an
+    address, so the reject is rejected-permanent, service-user, no-reason-given.
+    """
+
+    def _negotiate_as_acceptor(self) -> None:
+        self.requestor.ae_title = self.requestor.primitive.calling_ae_title
+        self.send_reject(0x01, 0x01, 0x01)
+        evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+        self.assoc.kill()
+
+
+def _fully_decode(dataset: Dataset) -> None:
+    """Convert every raw element so encoding errors (bad VR, bad lengths) surface here, not later."""
+    for element in dataset:
+        if isinstance(element, DataElement) and element.VR == "SQ" and isinstance(element.value, DicomSequence):
+            for item in element.value:
+                _fully_decode(item)
+
+
+def _check_pixel_length(dataset: Dataset) -> None:
+    """A native (uncompressed) image must carry all its pixel bytes: catches truncated files."""
+    if "PixelData" not in dataset or dataset.file_meta.TransferSyntaxUID.is_compressed:
+        return
+    try:
+        frames = int(dataset.get("NumberOfFrames", 1) or 1)
+        expected = dataset.Rows * dataset.Columns * dataset.SamplesPerPixel * frames * ((dataset.BitsAllocated + 7) // 8)
+    except (AttributeError, TypeError, ValueError) as error:
+        raise InstanceRejected(Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, f"image pixel module incomplete: {error}") from None
+    if dataset.BitsAllocated == 1:
+        expected = (dataset.Rows * dataset.Columns * frames + 7) // 8
+    actual = len(dataset.PixelData)
+    if actual < expected:
+        raise InstanceRejected(Status.CANNOT_UNDERSTAND, f"pixel data has {actual} bytes, {expected} expected")
+
+
+def _text(dataset: Dataset, keyword: str, limit: int = 64) -> str | None:
+    value = dataset.get(keyword)
+    return None if value in (None, "") else str(value)[:limit]
+
+
+def _integer(dataset: Dataset, keyword: str) -> int | None:
+    try:
+        value = dataset.get(keyword)
+        return None if value in (None, "") else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass
+class StoreRequest:
+    """What the SCP handed over for one C-STORE, independent of pynetdicom's Event."""
+
+    affected_sop_class_uid: str
+    affected_sop_instance_uid: str
+    calling_ae_title: str
+    dataset: Callable[[], Dataset]
+    encoded: Callable[[], bytes]
+
+
+class Receiver:
+    """Owns the pynetdicom AE and turns C-STORE requests into spool files and rows."""
+
+    def __init__(self, config: Config, store: Store, spool: Spool) -> None:
+        self.config = config
+        self.store = store
+        self.spool = spool
+        self.server: ThreadedAssociationServer | None = None
+
+    # -- pynetdicom event handlers ------------------------------------------------------------
+
+    def handle_echo(self, event: evt.Event) -> int:
+        """EVT_C_ECHO: always Success while the service runs."""
+        return Status.SUCCESS
+
+    def handle_conn_open(self, event: evt.Event) -> None:
+        """EVT_CONN_OPEN: swap in the rejecting ACSE for addresses outside the allowlist."""
+        host = event.address[0]
+        if not address_allowed(host, self.config.receiver.allowed_source_addresses):
+            event.assoc.acse = _SourceAddressRejectingACSE(event.assoc)
+            self.store.count("associations_rejected_address")
+            log_event(log, logging.WARNING, "association rejected: source address not allowed", address=host)
+
+    def handle_rejected(self, event: evt.Event) -> None:
+        """EVT_REJECTED: count and log rejections (calling AE not allowed, too many associations)."""
+        self.store.count("associations_rejected")
+        log_event(
+            log,
+            logging.WARNING,
+            "association rejected",
+            calling_ae=event.assoc.requestor.ae_title,
+            address=event.assoc.requestor.address,
+        )
+
+    def handle_store(self, event: evt.Event) -> int:
+        """EVT_C_STORE: persist, then answer; any failure becomes a C-STORE failure status."""
+        request = StoreRequest(
+            affected_sop_class_uid=str(event.request.AffectedSOPClassUID),
+            affected_sop_instance_uid=str(event.request.AffectedSOPInstanceUID),
+            calling_ae_title=event.assoc.requestor.ae_title,
+            dataset=lambda: _dataset_with_meta(event),
+            encoded=lambda: event.encoded_dataset(include_meta=True),
+        )
+        return self.store_instance(request)
+
+    # -- the receive stage --------------------------------------------------------------------
+
+    def store_instance(self, request: StoreRequest) -> int:
+        """Persist one instance; returns the C-STORE status."""
+        try:
+            self.spool.check_free_space()
+            incoming = self._accept(request)
+        except InstanceRejected as rejected:
+            return self._rejected(request, rejected.status, rejected.reason)
+        except SpoolFullError as error:
+            return self._rejected(request, Status.OUT_OF_RESOURCES, str(error))
+        except OSError as error:
+            return self._rejected(request, Status.OUT_OF_RESOURCES, f"spool write failed: {error.strerror or error}")
+        try:
+            outcome = self.store.record_instance(incoming, self.config.storage.duplicates, self.config.study.late_instances)
+        except Exception as error:  # the database is down or full: the sender must retry later
+            return self._rejected(request, Status.OUT_OF_RESOURCES, f"database write failed: {type(error).__name__}")
+        log_event(
+            log,
+            logging.DEBUG,
+            "instance stored",
+            outcome=outcome,
+            study_uid=incoming.study_uid,
+            series_uid=incoming.series_uid,
+            sop_instance_uid=incoming.sop_instance_uid,
+            calling_ae=request.calling_ae_title,
+        )
+        return Status.SUCCESS
+
+    def _accept(self, request: StoreRequest) -> IncomingInstance:
+        """Decode and check the dataset, then write it to the spool (not yet recorded)."""
+        try:
+            dataset = request.dataset()
+            _fully_decode(dataset)
+        except Exception as error:  # pydicom raises many types for undecodable input
+            raise InstanceRejected(Status.CANNOT_UNDERSTAND, f"dataset cannot be decoded: {type(error).__name__}: {error}") from None
+        uids = {}
+        for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+            value = str(dataset.get(keyword, "") or "").strip()
+            if not value or not UID(value).is_valid:
+                # Without its own SOP UIDs the data is not a DICOM object at all (random bytes
+                # parse as garbage elements); without study/series UIDs it misses its IOD's modules.
+                status = Status.CANNOT_UNDERSTAND if keyword.startswith("SOP") else Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
+                raise InstanceRejected(status, f"{keyword} missing or invalid")
+            uids[keyword] = value
+        if uids["SOPInstanceUID"] != request.affected_sop_instance_uid or uids["SOPClassUID"] != request.affected_sop_class_uid:
+            raise InstanceRejected(
+                Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOP Class/Instance UID differ from the C-STORE request"
+            )
+        _check_pixel_length(dataset)
+        relative = self.spool.instance_path(uids["StudyInstanceUID"], uids["SeriesInstanceUID"], uids["SOPInstanceUID"])
+        if self.config.storage.duplicates == "keep-first" and self.store.instance_exists(uids["SOPInstanceUID"]):
+            size = 0  # idempotent: the first copy stays, nothing is written
+        else:
+            size = self.spool.write_atomic(relative, request.encoded())
+        return IncomingInstance(
+            study_uid=uids["StudyInstanceUID"],
+            series_uid=uids["SeriesInstanceUID"],
+            sop_instance_uid=uids["SOPInstanceUID"],
+            sop_class_uid=uids["SOPClassUID"],
+            transfer_syntax_uid=str(dataset.file_meta.TransferSyntaxUID),
+            path=relative,
+            size_bytes=size,
+            instance_number=_integer(dataset, "InstanceNumber"),
+            modality=_text(dataset, "Modality", 16),
+            series_number=_integer(dataset, "SeriesNumber"),
+            series_description=_text(dataset, "SeriesDescription"),
+            study_date=_text(dataset, "StudyDate", 8),
+            study_description=_text(dataset, "StudyDescription"),
+            calling_ae_title=request.calling_ae_title,
+            header=lambda: header_summary(dataset),
+        )
+
+    def _rejected(self, request: StoreRequest, status: int, reason: str) -> int:
+        try:
+            self.store.count("instances_rejected")
+        except Exception:  # counting must not turn a clean failure status into an abort
+            pass
+        log_event(
+            log,
+            logging.WARNING,
+            "instance rejected",
+            status=f"0x{status:04X}",
+            reason=reason,
+            sop_instance_uid=request.affected_sop_instance_uid,
+            calling_ae=request.calling_ae_title,
+        )
+        return status
+
+    # -- server lifecycle ---------------------------------------------------------------------
+
+    def build_ae(self) -> AE:
+        settings = self.config.receiver
+        ae = AE(ae_title=settings.ae_title)
+        ae.supported_contexts = presentation_contexts(settings.accept_any_storage)
+        ae.maximum_pdu_size = settings.max_pdu_bytes
+        ae.maximum_associations = settings.max_associations
+        ae.network_timeout = settings.network_timeout_s
+        ae.acse_timeout = settings.network_timeout_s
+        ae.dimse_timeout = settings.network_timeout_s
+        if not settings.allow_any_calling_ae:
+            # An empty list would switch pynetdicom's check off; a title nobody uses keeps it on.
+            ae.require_calling_aet = self.config.allowed_calling_ae_titles or ["\x00NO-PEERS"]
+        return ae
+
+    def start(self) -> ThreadedAssociationServer:
+        """Start listening in background threads."""
+        settings = self.config.receiver
+        handlers = [
+            (evt.EVT_C_ECHO, self.handle_echo),
+            (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_CONN_OPEN, self.handle_conn_open),
+            (evt.EVT_REJECTED, self.handle_rejected),
+        ]
+        self.server = self.build_ae().start_server(
+            (settings.bind, settings.port), block=False, evt_handlers=handlers, ssl_context=server_ssl_context(self.config)
+        )
+        log_event(log, logging.INFO, "receiver listening", ae_title=settings.ae_title, bind=settings.bind, port=settings.port, tls=settings.tls.enabled)
+        return self.server
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+
+def _dataset_with_meta(event: evt.Event) -> Dataset:
+    dataset = event.dataset
+    dataset.file_meta = event.file_meta
+    return dataset
+
+
+def server_ssl_context(config: Config) -> ssl.SSLContext | None:
+    """TLS context for the receiver, or None when TLS is off."""
+    tls = config.receiver.tls
+    if not tls.enabled:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(tls.certificate), str(tls.private_key))
+    if tls.client_ca:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(str(tls.client_ca))
+    return context

@@ -1,0 +1,113 @@
+"""The service process (``sijnode serve``): receiver, completion loop, workers and sender.
+
+Stages hand over through the database and the spool only, so the service can be killed at any
+moment and a restart picks up: studies still waiting for their quiet period, pending jobs and
+jobs whose worker lease expired, and deliveries not yet acknowledged.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import tempfile
+import threading
+from datetime import datetime
+
+from node.completion import complete_due_studies
+from node.config import Config
+from node.logs import log_event
+from node.receiver import Receiver
+from node.sender import Sender
+from node.worker import worker_main
+from storage.models import utcnow
+from storage.spool import Spool
+from storage.store import Store, open_store
+
+log = logging.getLogger("sijnode.service")
+
+HEARTBEAT_NAME = "service"
+HEARTBEAT_SECONDS = 5.0
+
+
+class Service:
+    def __init__(self, config: Config, config_path: str) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.stop_event = threading.Event()
+        self.started_at: datetime = utcnow()
+        self.store: Store = open_store(config.database_url)
+        self.spool = Spool(config.storage.data_dir, config.storage.free_space_reserve_mb)
+        # pynetdicom and pydicom temporary files land on the spool's filesystem.
+        tempfile.tempdir = str(self.spool.tmp_dir)
+        self.receiver = Receiver(config, self.store, self.spool)
+        self.sender = Sender(config, self.store, self.spool)
+        self._mp = multiprocessing.get_context("spawn")
+        self._workers: dict[int, multiprocessing.process.BaseProcess] = {}
+
+    def _start_worker(self, index: int) -> None:
+        process = self._mp.Process(
+            target=worker_main, args=(self.config_path, index), name=f"sijnode-worker-{index}", daemon=True
+        )
+        process.start()
+        self._workers[index] = process
+
+    def _supervise_workers(self) -> None:
+        for index, process in list(self._workers.items()):
+            if not process.is_alive():
+                log_event(log, logging.ERROR, "worker exited; restarting", worker=index, exitcode=process.exitcode)
+                self._start_worker(index)
+
+    def _beat(self) -> None:
+        detail = {
+            "ae_title": self.config.receiver.ae_title,
+            "bind": self.config.receiver.bind,
+            "port": self.config.receiver.port,
+            "workers": sum(p.is_alive() for p in self._workers.values()),
+            "spool_free_bytes": self.spool.free_bytes(),
+        }
+        self.store.beat(HEARTBEAT_NAME, os.getpid(), socket.gethostname(), self.started_at, detail)
+
+    def run(self) -> None:
+        """Run until SIGTERM/SIGINT."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: self.stop_event.set())
+        for index in range(self.config.workers.processes):
+            self._start_worker(index)
+        self.receiver.start()
+        self.sender.start()
+        log_event(log, logging.INFO, "service started", pid=os.getpid(), workers=self.config.workers.processes)
+        last_beat = 0.0
+        try:
+            while not self.stop_event.is_set():
+                now = utcnow().timestamp()
+                if now - last_beat >= HEARTBEAT_SECONDS:
+                    self._beat()
+                    last_beat = now
+                # A quiet period counts only while the node listens: after a restart, senders
+                # interrupted by the outage get a full period to resume before studies complete.
+                if now - self.started_at.timestamp() >= self.config.study.quiet_seconds:
+                    complete_due_studies(self.store, self.config)
+                self._supervise_workers()
+                self.stop_event.wait(1.0)
+        finally:
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        log_event(log, logging.INFO, "service stopping")
+        self.receiver.stop()
+        self.sender.stop()
+        for process in self._workers.values():
+            if process.is_alive():
+                process.terminate()  # SIGTERM: the worker finishes its current job, then exits
+        for process in self._workers.values():
+            process.join(timeout=60)
+            if process.is_alive():
+                process.kill()  # its job's lease expires and another worker takes it over
+        try:
+            self.store.clear_heartbeat(HEARTBEAT_NAME)
+        finally:
+            self.store.dispose()
+        log_event(log, logging.INFO, "service stopped")

@@ -1,0 +1,134 @@
+"""The process stage: worker processes that claim jobs and run chains.
+
+Workers are separate processes so that inference never blocks receiving and a crashing model
+takes down only its worker. This module itself imports no torch: the chain implementations
+are imported inside the worker process by ``pipeline.chains.load_chain``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import signal
+import socket
+import threading
+import traceback
+from pathlib import Path
+
+from pydicom import dcmwrite
+
+from node.config import Config, load_config
+from node.logs import log_event, setup_logging
+from pipeline.chains import Chain, RuntimeSettings, SeriesInput, StudyInputs, load_chain
+from storage.spool import Spool
+from storage.store import ClaimedJob, ProducedObject, Store
+
+log = logging.getLogger("sijnode.worker")
+
+
+class Worker:
+    """Claims jobs from the database and runs them, one at a time."""
+
+    def __init__(self, config: Config, store: Store, spool: Spool, name: str) -> None:
+        self.config = config
+        self.store = store
+        self.spool = spool
+        self.name = name
+        self._chains: dict[str, Chain] = {}
+        self.runtime = RuntimeSettings(device=config.workers.device, torch_threads=config.workers.torch_threads)
+
+    def chain(self, name: str) -> Chain:
+        if name not in self._chains:
+            specs = {spec.name: spec for spec in self.config.chains}
+            if name not in specs:
+                raise KeyError(f"chain {name!r} is no longer in the config")
+            self._chains[name] = load_chain(specs[name], self.runtime)
+        return self._chains[name]
+
+    def run_one(self) -> bool:
+        """Claim and run one job; False when none was runnable."""
+        settings = self.config.workers
+        job = self.store.claim_job(self.name, settings.lease_seconds, settings.max_attempts)
+        if job is None:
+            return False
+        log_event(log, logging.INFO, "job started", job_id=job.id, chain=job.chain, study_uid=job.study_uid, attempt=job.attempts)
+        stop_renewing = threading.Event()
+        renewer = threading.Thread(target=self._renew_lease, args=(job.id, stop_renewing), daemon=True)
+        renewer.start()
+        try:
+            produced = self._run(job)
+        except Exception as error:
+            state = self.store.fail_job(job.id, self.name, _describe(error), settings.max_attempts)
+            log_event(log, logging.ERROR, "job failed", job_id=job.id, chain=job.chain, error=f"{type(error).__name__}: {error}", state=state)
+            return True
+        finally:
+            stop_renewing.set()
+            renewer.join()
+        destinations = [peer.name for peer in self.config.destinations]
+        if self.store.finish_job(job.id, self.name, produced, destinations):
+            log_event(log, logging.INFO, "job done", job_id=job.id, chain=job.chain, outputs=len(produced), destinations=destinations)
+        else:
+            log_event(log, logging.WARNING, "job result discarded: the job was taken over", job_id=job.id)
+        return True
+
+    def _run(self, job: ClaimedJob) -> list[ProducedObject]:
+        spec = next((c for c in self.config.chains if c.name == job.chain), None)
+        inputs = StudyInputs(
+            study_uid=job.study_uid,
+            series={
+                key: SeriesInput(key, job.inputs[key], tuple(self.spool.absolute(p) for p in paths))
+                for key, paths in job.input_paths.items()
+            },
+            options=dict(spec.options) if spec else {},
+        )
+        datasets = self.chain(job.chain).produce(inputs)
+        produced = []
+        for dataset in datasets:
+            buffer = io.BytesIO()
+            dcmwrite(buffer, dataset, enforce_file_format=True)
+            relative = self.spool.result_path(job.study_uid, job.id, str(dataset.SOPInstanceUID))
+            self.spool.write_atomic(relative, buffer.getbuffer())
+            produced.append(ProducedObject(str(dataset.SOPInstanceUID), str(dataset.SOPClassUID), relative))
+        return produced
+
+    def _renew_lease(self, job_id: int, stop: threading.Event) -> None:
+        lease = self.config.workers.lease_seconds
+        while not stop.wait(lease / 3):
+            try:
+                self.store.extend_lease(job_id, self.name, lease)
+            except Exception:
+                log.exception("lease renewal failed")
+
+
+def _describe(error: BaseException) -> str:
+    summary = traceback.format_exception_only(type(error), error)[-1].strip()
+    frames = traceback.extract_tb(error.__traceback__)[-3:]
+    where = " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in reversed(frames))
+    return f"{summary} (at {where})" if where else summary
+
+
+def worker_main(config_path: str, index: int, poll_seconds: float = 1.0) -> None:
+    """Entry point of a worker process; SIGTERM lets the current job finish, then exits.
+
+    The stop request is a signal, not a shared multiprocessing.Event: a worker killed while
+    waiting on such an Event leaves its lock held and the parent's set() would hang.
+    """
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent decides
+    config = load_config(config_path)
+    setup_logging(config.logging.level, config.logging.format, config.logging.file)
+    store = Store(config.database_url)
+    spool = Spool(config.storage.data_dir, config.storage.free_space_reserve_mb)
+    worker = Worker(config, store, spool, f"{socket.gethostname()}:{os.getpid()}:w{index}")
+    log_event(log, logging.INFO, "worker started", worker=worker.name)
+    while not stop.is_set():
+        try:
+            busy = worker.run_one()
+        except Exception:
+            log.exception("worker loop error")
+            busy = False
+        if not busy:
+            stop.wait(poll_seconds)
+    store.dispose()

@@ -1,0 +1,1 @@
+"""The database (SQLAlchemy models, sessions, Alembic migrations) and the spool."""

@@ -1,0 +1,101 @@
+"""The spool: where received instances and produced results live on disk.
+
+Layout under the data directory::
+
+    spool/incoming/<study>/<series>/<sop>.dcm   received instances
+    spool/results/<study>/<job>/<sop>.dcm        objects produced by jobs
+    spool/tmp/                                   temporary files, same filesystem (atomic rename)
+
+Every file is written to tmp/, fsynced, then renamed into place, so a crash never leaves
+a half-written file under a final name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+# UIDs are digits and dots; anything else (a malicious or broken UID) must not reach the path.
+_SAFE_COMPONENT = re.compile(r"^[0-9A-Za-z.\-_]{1,64}$")
+
+
+class SpoolFullError(OSError):
+    """Free space fell below the configured reserve."""
+
+
+class Spool:
+    """Paths and atomic writes under one spool root."""
+
+    def __init__(self, data_dir: Path, free_space_reserve_mb: int = 0) -> None:
+        self.root = Path(data_dir) / "spool"
+        self.tmp_dir = self.root / "tmp"
+        self.free_space_reserve_bytes = free_space_reserve_mb * 1024 * 1024
+        for folder in (self.root / "incoming", self.root / "results", self.tmp_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def _component(value: str) -> str:
+        value = str(value).strip().rstrip("\x00")
+        if not _SAFE_COMPONENT.match(value) or value in {".", ".."}:
+            raise ValueError(f"not usable in a path: {value!r}")
+        return value
+
+    def instance_path(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> str:
+        """Relative path of a received instance."""
+        parts = (self._component(study_uid), self._component(series_uid), self._component(sop_instance_uid) + ".dcm")
+        return str(Path("incoming", *parts))
+
+    def result_path(self, study_uid: str, job_id: int, sop_instance_uid: str) -> str:
+        """Relative path of an object produced by a job."""
+        parts = (self._component(study_uid), str(int(job_id)), self._component(sop_instance_uid) + ".dcm")
+        return str(Path("results", *parts))
+
+    def absolute(self, relative: str) -> Path:
+        return self.root / relative
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def check_free_space(self) -> None:
+        """Raise SpoolFullError when free space is below the reserve."""
+        free = self.free_bytes()
+        if free < self.free_space_reserve_bytes:
+            raise SpoolFullError(f"spool free space {free // 2**20} MiB is below the reserve of {self.free_space_reserve_bytes // 2**20} MiB")
+
+    def write_atomic(self, relative: str, data: bytes | memoryview) -> int:
+        """Write bytes to ``relative`` atomically and durably; returns the size."""
+        target = self.absolute(relative)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=self.tmp_dir, suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp_name, target)
+        except BaseException:
+            try:
+                os.unlink(tmp_name)
+            except OSError:
+                pass
+            raise
+        self._fsync_dir(target.parent)
+        return len(data)
+
+    @staticmethod
+    def _fsync_dir(folder: Path) -> None:
+        # The rename is only durable once the directory entry is on disk.
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def remove(self, relative: str) -> None:
+        try:
+            self.absolute(relative).unlink()
+        except FileNotFoundError:
+            pass

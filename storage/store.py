@@ -1,0 +1,653 @@
+"""Every read and write of the node's state: the one place that speaks SQL.
+
+The service, the workers, the sender and the CLI all go through ``Store``; each method is one
+short transaction, so any process can die between two of them and the next start resumes.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from storage.db import make_engine, make_session_factory, migrate
+from storage.models import (
+    Counter,
+    Delivery,
+    DeliveryState,
+    DestinationHealth,
+    Heartbeat,
+    Instance,
+    Job,
+    JobState,
+    Output,
+    Series,
+    Study,
+    StudyState,
+    utcnow,
+)
+
+
+@dataclass(frozen=True)
+class IncomingInstance:
+    """What the receiver knows about one instance it is about to acknowledge."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    path: str
+    size_bytes: int
+    instance_number: int | None = None
+    modality: str | None = None
+    series_number: int | None = None
+    series_description: str | None = None
+    study_date: str | None = None
+    study_description: str | None = None
+    calling_ae_title: str | None = None
+    # Computed only for the first instance of a series (pipeline.classify.header_summary).
+    header: Callable[[], dict[str, Any]] | None = None
+
+
+class RecordOutcome:
+    STORED = "stored"
+    DUPLICATE_KEPT = "duplicate-kept"  # keep-first: the earlier copy stays
+    DUPLICATE_REPLACED = "duplicate-replaced"
+
+
+@dataclass(frozen=True)
+class SeriesRecord:
+    series_uid: str
+    study_uid: str
+    modality: str | None
+    series_number: int | None
+    description: str | None
+    sop_class_uid: str | None
+    instance_count: int
+    header: dict[str, Any]
+    role: str | None
+    plane: str | None
+    tilt_deg: float | None
+    counts_as_input: bool | None
+    rule: str | None
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class SeriesDecision:
+    """A classification to store on a series at completion."""
+
+    series_uid: str
+    role: str
+    plane: str
+    tilt_deg: float | None
+    counts_as_input: bool
+    rule: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class NewJob:
+    chain: str
+    inputs: dict[str, str]
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    id: int
+    study_uid: str
+    chain: str
+    study_version: int
+    attempts: int
+    inputs: dict[str, str]
+    # input key -> spool-relative paths of that series' instances, in instance-number order
+    input_paths: dict[str, list[str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ProducedObject:
+    sop_instance_uid: str
+    sop_class_uid: str
+    path: str
+
+
+@dataclass(frozen=True)
+class ClaimedDelivery:
+    id: int
+    output_uid: str
+    path: str
+    attempts: int
+    created_at: datetime
+
+
+def _insert_ignore(session: Session, model: type, values: Mapping[str, Any]) -> None:
+    """INSERT ... ON CONFLICT DO NOTHING: concurrent associations may create the same study or series."""
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    session.execute(insert(model).values(**values).on_conflict_do_nothing())
+
+
+class Store:
+    """The node's database."""
+
+    def __init__(self, url: str, engine: Engine | None = None) -> None:
+        self.url = url
+        self.engine = engine or make_engine(url)
+        self._sessions = make_session_factory(self.engine)
+
+    def migrate(self) -> None:
+        migrate(self.engine)
+
+    def session(self) -> Session:
+        return self._sessions()
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # -- receiving ---------------------------------------------------------------------------
+
+    def instance_exists(self, sop_instance_uid: str) -> bool:
+        with self.session() as session:
+            return session.get(Instance, sop_instance_uid) is not None
+
+    def record_instance(self, incoming: IncomingInstance, duplicates: str, late_instances: str) -> str:
+        """Record an instance already written to the spool; returns a RecordOutcome value.
+
+        A study that already completed is re-opened as a new version when late instances are
+        reprocessed; otherwise the instance is kept but the study stays complete.
+        """
+        try:
+            return self._record_instance(incoming, duplicates, late_instances)
+        except IntegrityError:
+            # The same instance arrived on two associations at once: the second now sees the first.
+            return self._record_instance(incoming, duplicates, late_instances)
+
+    def _record_instance(self, incoming: IncomingInstance, duplicates: str, late_instances: str) -> str:
+        now = utcnow()
+        with self.session() as session, session.begin():
+            existing = session.get(Instance, incoming.sop_instance_uid)
+            if existing is not None and duplicates == "keep-first":
+                self._count(session, "instances_duplicate")
+                # A re-send is activity: the study must not complete in the middle of it.
+                session.execute(
+                    update(Study)
+                    .where(Study.study_uid == existing.study_uid, Study.state == StudyState.RECEIVING)
+                    .values(last_received_at=now)
+                )
+                return RecordOutcome.DUPLICATE_KEPT
+            _insert_ignore(
+                session,
+                Study,
+                dict(
+                    study_uid=incoming.study_uid,
+                    state=StudyState.RECEIVING,
+                    version=1,
+                    study_date=incoming.study_date,
+                    description=incoming.study_description,
+                    instance_count=0,
+                    first_received_at=now,
+                    last_received_at=now,
+                ),
+            )
+            study = session.get(Study, incoming.study_uid, with_for_update=True)
+            assert study is not None
+            if study.state == StudyState.COMPLETE:
+                if late_instances == "reprocess":
+                    study.state = StudyState.RECEIVING
+                    study.version += 1
+                    study.completed_at = None
+                else:
+                    self._count(session, "instances_late_ignored")
+            study.last_received_at = now
+            series = session.get(Series, incoming.series_uid)
+            if series is None:
+                _insert_ignore(
+                    session,
+                    Series,
+                    dict(
+                        series_uid=incoming.series_uid,
+                        study_uid=incoming.study_uid,
+                        modality=incoming.modality,
+                        series_number=incoming.series_number,
+                        description=incoming.series_description,
+                        sop_class_uid=incoming.sop_class_uid,
+                        instance_count=0,
+                        header=incoming.header() if incoming.header else {},
+                    ),
+                )
+            if existing is None:
+                study.instance_count += 1
+                session.execute(
+                    update(Series)
+                    .where(Series.series_uid == incoming.series_uid)
+                    .values(instance_count=Series.instance_count + 1)
+                )
+                session.add(
+                    Instance(
+                        sop_instance_uid=incoming.sop_instance_uid,
+                        series_uid=incoming.series_uid,
+                        study_uid=incoming.study_uid,
+                        sop_class_uid=incoming.sop_class_uid,
+                        transfer_syntax_uid=incoming.transfer_syntax_uid,
+                        instance_number=incoming.instance_number,
+                        path=incoming.path,
+                        size_bytes=incoming.size_bytes,
+                        calling_ae_title=incoming.calling_ae_title,
+                        received_at=now,
+                    )
+                )
+                return RecordOutcome.STORED
+            existing.path = incoming.path
+            existing.size_bytes = incoming.size_bytes
+            existing.transfer_syntax_uid = incoming.transfer_syntax_uid
+            existing.received_at = now
+            self._count(session, "instances_duplicate")
+            return RecordOutcome.DUPLICATE_REPLACED
+
+    # -- completion and routing ----------------------------------------------------------------
+
+    def studies_due(self, quiet_seconds: float) -> list[str]:
+        """Receiving studies with no new instance for ``quiet_seconds``."""
+        cutoff = utcnow() - timedelta(seconds=quiet_seconds)
+        with self.session() as session:
+            query = select(Study.study_uid).where(Study.state == StudyState.RECEIVING, Study.last_received_at <= cutoff)
+            return list(session.scalars(query.order_by(Study.last_received_at)))
+
+    def study_snapshot(self, study_uid: str) -> tuple[Study, list[SeriesRecord]] | None:
+        """The study row and its series, for classification and routing."""
+        with self.session() as session:
+            study = session.get(Study, study_uid)
+            if study is None:
+                return None
+            rows = session.scalars(select(Series).where(Series.study_uid == study_uid).order_by(Series.series_number))
+            return study, [_series_record(row) for row in rows]
+
+    def complete_study(
+        self,
+        study_uid: str,
+        seen_last_received_at: datetime,
+        decisions: Sequence[SeriesDecision],
+        jobs: Sequence[NewJob],
+        routing_note: str,
+        new_version: bool = False,
+    ) -> int | None:
+        """Mark a study complete, store its classifications and create its jobs, atomically.
+
+        ``seen_last_received_at`` is the study's last arrival when the caller classified it: if an
+        instance came since, nothing is written and None is returned (the study stays receiving).
+        With ``new_version`` (reprocess) the study's version is bumped first. Returns the version.
+        """
+        now = utcnow()
+        with self.session() as session, session.begin():
+            study = session.get(Study, study_uid, with_for_update=True)
+            if study is None or study.last_received_at != seen_last_received_at:
+                return None
+            if study.state == StudyState.COMPLETE and not new_version:
+                return study.version
+            if new_version:
+                study.version += 1
+            for decision in decisions:
+                session.execute(
+                    update(Series)
+                    .where(Series.series_uid == decision.series_uid)
+                    .values(
+                        role=decision.role,
+                        plane=decision.plane,
+                        tilt_deg=decision.tilt_deg,
+                        counts_as_input=decision.counts_as_input,
+                        rule=decision.rule,
+                        reason=decision.reason,
+                    )
+                )
+            for job in jobs:
+                _insert_ignore(
+                    session,
+                    Job,
+                    dict(
+                        study_uid=study_uid,
+                        chain=job.chain,
+                        study_version=study.version,
+                        inputs=job.inputs,
+                        state=JobState.PENDING,
+                        attempts=0,
+                        created_at=now,
+                    ),
+                )
+            study.state = StudyState.COMPLETE
+            study.completed_at = now
+            study.routing_note = routing_note
+            return study.version
+
+    # -- jobs ------------------------------------------------------------------------------------
+
+    def claim_job(self, worker: str, lease_seconds: float, max_attempts: int) -> ClaimedJob | None:
+        """Take the oldest runnable job: pending, or running with an expired lease (its worker died)."""
+        now = utcnow()
+        runnable = or_(Job.state == JobState.PENDING, (Job.state == JobState.RUNNING) & (Job.lease_expires_at < now))
+        with self.session() as session, session.begin():
+            # Jobs whose worker died on their last allowed attempt stay failed and visible.
+            session.execute(
+                update(Job)
+                .where(Job.state == JobState.RUNNING, Job.lease_expires_at < now, Job.attempts >= max_attempts)
+                .values(state=JobState.FAILED, finished_at=now, error="worker lease expired on the last attempt")
+            )
+            while True:
+                job_id = session.scalar(select(Job.id).where(runnable).order_by(Job.id).limit(1))
+                if job_id is None:
+                    return None
+                # The WHERE repeats the runnable test: of two workers racing for one job, one wins.
+                claimed = session.execute(
+                    update(Job)
+                    .where(Job.id == job_id, runnable)
+                    .values(
+                        state=JobState.RUNNING,
+                        attempts=Job.attempts + 1,
+                        worker=worker,
+                        started_at=now,
+                        lease_expires_at=now + timedelta(seconds=lease_seconds),
+                    )
+                )
+                if claimed.rowcount == 1:
+                    break
+            job = session.get(Job, job_id)
+            assert job is not None
+            session.refresh(job)
+            paths: dict[str, list[str]] = {}
+            for key, series_uid in job.inputs.items():
+                rows = session.execute(
+                    select(Instance.path)
+                    .where(Instance.series_uid == series_uid)
+                    .order_by(Instance.instance_number, Instance.sop_instance_uid)
+                )
+                paths[key] = [row.path for row in rows]
+            return ClaimedJob(job.id, job.study_uid, job.chain, job.study_version, job.attempts, dict(job.inputs), paths)
+
+    def finish_job(self, job_id: int, worker: str, produced: Sequence[ProducedObject], destinations: Iterable[str]) -> bool:
+        """Record a job's outputs and queue one delivery per destination, atomically.
+
+        Returns False (and writes nothing) when the job is no longer this worker's: its lease
+        expired and another worker took it over.
+        """
+        now = utcnow()
+        with self.session() as session, session.begin():
+            job = session.get(Job, job_id, with_for_update=True)
+            if job is None or job.state != JobState.RUNNING or job.worker != worker:
+                return False
+            study_uid = job.study_uid
+            for item in produced:
+                session.add(
+                    Output(
+                        sop_instance_uid=item.sop_instance_uid,
+                        job_id=job_id,
+                        study_uid=study_uid,
+                        sop_class_uid=item.sop_class_uid,
+                        path=item.path,
+                        created_at=now,
+                    )
+                )
+            session.flush()
+            for item in produced:
+                for destination in destinations:
+                    session.add(
+                        Delivery(
+                            output_uid=item.sop_instance_uid,
+                            destination=destination,
+                            state=DeliveryState.PENDING,
+                            created_at=now,
+                            next_attempt_at=now,
+                        )
+                    )
+            job.state = JobState.DONE
+            job.finished_at = now
+            job.error = None
+            job.lease_expires_at = None
+            return True
+
+    def fail_job(self, job_id: int, worker: str, error: str, max_attempts: int) -> str | None:
+        """Record a failed attempt: back to pending, or failed for good after ``max_attempts``."""
+        with self.session() as session, session.begin():
+            job = session.get(Job, job_id, with_for_update=True)
+            if job is None or job.state != JobState.RUNNING or job.worker != worker:
+                return None
+            job.error = error[:4000]
+            job.lease_expires_at = None
+            if job.attempts >= max_attempts:
+                job.state = JobState.FAILED
+                job.finished_at = utcnow()
+            else:
+                job.state = JobState.PENDING
+            return job.state
+
+    def extend_lease(self, job_id: int, worker: str, lease_seconds: float) -> bool:
+        """Keep a long-running job claimed; False when it is no longer this worker's."""
+        with self.session() as session, session.begin():
+            result = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.worker == worker, Job.state == JobState.RUNNING)
+                .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+            )
+            return result.rowcount == 1
+
+    def retry_failed_jobs(self) -> int:
+        with self.session() as session, session.begin():
+            result = session.execute(
+                update(Job).where(Job.state == JobState.FAILED).values(state=JobState.PENDING, attempts=0, finished_at=None)
+            )
+            return result.rowcount
+
+    # -- deliveries ------------------------------------------------------------------------------
+
+    def claim_deliveries(self, destination: str, limit: int, lease_seconds: float) -> list[ClaimedDelivery]:
+        """Take due deliveries for one destination; a claim left by a dead sender expires after the lease."""
+        now = utcnow()
+        due = (Delivery.destination == destination) & (
+            ((Delivery.state == DeliveryState.PENDING) & (Delivery.next_attempt_at <= now))
+            | ((Delivery.state == DeliveryState.SENDING) & (Delivery.next_attempt_at <= now))
+        )
+        with self.session() as session, session.begin():
+            ids = list(session.scalars(select(Delivery.id).where(due).order_by(Delivery.id).limit(limit)))
+            if not ids:
+                return []
+            # While sending, next_attempt_at holds the claim's expiry.
+            session.execute(
+                update(Delivery)
+                .where(Delivery.id.in_(ids), due)
+                .values(state=DeliveryState.SENDING, next_attempt_at=now + timedelta(seconds=lease_seconds))
+            )
+            rows = session.execute(
+                select(Delivery.id, Delivery.output_uid, Output.path, Delivery.attempts, Delivery.created_at)
+                .join(Output, Output.sop_instance_uid == Delivery.output_uid)
+                .where(Delivery.id.in_(ids), Delivery.state == DeliveryState.SENDING)
+                .order_by(Delivery.id)
+            )
+            return [ClaimedDelivery(r.id, r.output_uid, r.path, r.attempts, r.created_at) for r in rows]
+
+    def delivery_succeeded(self, delivery_id: int) -> None:
+        now = utcnow()
+        with self.session() as session, session.begin():
+            delivery = session.get(Delivery, delivery_id)
+            if delivery is None:
+                return
+            delivery.state = DeliveryState.DONE
+            delivery.delivered_at = now
+            delivery.attempts += 1
+            delivery.last_error = None
+            self._destination_health(session, delivery.destination, ok=True, error=None)
+
+    def delivery_failed(
+        self, delivery_id: int, error: str, initial_backoff_s: float, max_backoff_s: float, max_age: timedelta
+    ) -> str:
+        """Schedule the next attempt with exponential backoff and jitter, or give up past max_age."""
+        now = utcnow()
+        with self.session() as session, session.begin():
+            delivery = session.get(Delivery, delivery_id)
+            if delivery is None:
+                return DeliveryState.FAILED
+            delivery.attempts += 1
+            delivery.last_error = error[:2000]
+            if now - delivery.created_at >= max_age:
+                delivery.state = DeliveryState.FAILED
+            else:
+                delay = min(max_backoff_s, initial_backoff_s * 2 ** (delivery.attempts - 1))
+                # Full jitter in [delay/2, delay]: many outputs for one down PACS don't retry in lockstep.
+                delivery.next_attempt_at = now + timedelta(seconds=delay * random.uniform(0.5, 1.0))
+                delivery.state = DeliveryState.PENDING
+            self._destination_health(session, delivery.destination, ok=False, error=error)
+            return delivery.state
+
+    def retry_failed_deliveries(self, destination: str | None = None) -> int:
+        """Re-queue failed deliveries (their age restarts); acknowledged ones are never touched."""
+        now = utcnow()
+        query = update(Delivery).where(Delivery.state == DeliveryState.FAILED)
+        if destination:
+            query = query.where(Delivery.destination == destination)
+        with self.session() as session, session.begin():
+            return session.execute(
+                query.values(state=DeliveryState.PENDING, next_attempt_at=now, created_at=now, attempts=0)
+            ).rowcount
+
+    def _destination_health(self, session: Session, name: str, ok: bool, error: str | None) -> None:
+        _insert_ignore(session, DestinationHealth, dict(name=name))
+        health = session.get(DestinationHealth, name)
+        assert health is not None
+        if ok:
+            health.last_success_at = utcnow()
+        else:
+            health.last_failure_at = utcnow()
+            health.last_error = (error or "")[:2000]
+
+    # -- counters and heartbeat ------------------------------------------------------------------
+
+    def count(self, name: str, amount: int = 1) -> None:
+        with self.session() as session, session.begin():
+            self._count(session, name, amount)
+
+    @staticmethod
+    def _count(session: Session, name: str, amount: int = 1) -> None:
+        _insert_ignore(session, Counter, dict(name=name, value=0))
+        session.execute(update(Counter).where(Counter.name == name).values(value=Counter.value + amount))
+
+    def beat(self, name: str, pid: int, host: str, started_at: datetime, detail: dict[str, Any]) -> None:
+        with self.session() as session, session.begin():
+            _insert_ignore(
+                session, Heartbeat, dict(name=name, pid=pid, host=host, started_at=started_at, beat_at=utcnow(), detail=detail)
+            )
+            session.execute(
+                update(Heartbeat)
+                .where(Heartbeat.name == name)
+                .values(pid=pid, host=host, started_at=started_at, beat_at=utcnow(), detail=detail)
+            )
+
+    def clear_heartbeat(self, name: str) -> None:
+        with self.session() as session, session.begin():
+            heartbeat = session.get(Heartbeat, name)
+            if heartbeat is not None:
+                session.delete(heartbeat)
+
+    # -- reading for the CLI ---------------------------------------------------------------------
+
+    def overview(self) -> dict[str, Any]:
+        """Counts per state, destination health, counters and heartbeats."""
+        with self.session() as session:
+            def per_state(model: type, column: Any) -> dict[str, int]:
+                return {state: n for state, n in session.execute(select(column, func.count()).group_by(column))}
+
+            deliveries_by_destination: dict[str, dict[str, int]] = {}
+            for destination, state, n in session.execute(
+                select(Delivery.destination, Delivery.state, func.count()).group_by(Delivery.destination, Delivery.state)
+            ):
+                deliveries_by_destination.setdefault(destination, {})[state] = n
+            return {
+                "studies": per_state(Study, Study.state),
+                "jobs": per_state(Job, Job.state),
+                "deliveries": per_state(Delivery, Delivery.state),
+                "deliveries_by_destination": deliveries_by_destination,
+                "destination_health": {
+                    h.name: {"last_success_at": h.last_success_at, "last_failure_at": h.last_failure_at, "last_error": h.last_error}
+                    for h in session.scalars(select(DestinationHealth))
+                },
+                "counters": {c.name: c.value for c in session.scalars(select(Counter))},
+                "heartbeats": {
+                    h.name: {"pid": h.pid, "host": h.host, "started_at": h.started_at, "beat_at": h.beat_at, "detail": h.detail}
+                    for h in session.scalars(select(Heartbeat))
+                },
+            }
+
+    def list_studies(self, limit: int = 50) -> list[Study]:
+        with self.session() as session:
+            return list(session.scalars(select(Study).order_by(Study.last_received_at.desc()).limit(limit)))
+
+    def list_jobs(self, state: str | None = None, limit: int = 50) -> list[Job]:
+        with self.session() as session:
+            query = select(Job).order_by(Job.id.desc()).limit(limit)
+            if state:
+                query = query.where(Job.state == state)
+            return list(session.scalars(query))
+
+    def study_detail(self, study_uid: str) -> dict[str, Any] | None:
+        with self.session() as session:
+            study = session.get(Study, study_uid)
+            if study is None:
+                return None
+            series = session.scalars(select(Series).where(Series.study_uid == study_uid).order_by(Series.series_number))
+            jobs = list(session.scalars(select(Job).where(Job.study_uid == study_uid).order_by(Job.id)))
+            outputs = list(session.scalars(select(Output).where(Output.study_uid == study_uid).order_by(Output.created_at)))
+            deliveries = list(
+                session.scalars(
+                    select(Delivery)
+                    .join(Output, Output.sop_instance_uid == Delivery.output_uid)
+                    .where(Output.study_uid == study_uid)
+                    .order_by(Delivery.id)
+                )
+            )
+            return {"study": study, "series": [_series_record(s) for s in series], "jobs": jobs, "outputs": outputs, "deliveries": deliveries}
+
+    def series(self, series_uid: str) -> SeriesRecord | None:
+        with self.session() as session:
+            row = session.get(Series, series_uid)
+            return None if row is None else _series_record(row)
+
+    def study_instances(self, study_uid: str) -> list[Instance]:
+        with self.session() as session:
+            return list(session.scalars(select(Instance).where(Instance.study_uid == study_uid).order_by(Instance.series_uid, Instance.instance_number)))
+
+    def deliveries(self, output_uid: str | None = None) -> list[Delivery]:
+        with self.session() as session:
+            query = select(Delivery).order_by(Delivery.id)
+            if output_uid:
+                query = query.where(Delivery.output_uid == output_uid)
+            return list(session.scalars(query))
+
+
+def _series_record(row: Series) -> SeriesRecord:
+    return SeriesRecord(
+        row.series_uid,
+        row.study_uid,
+        row.modality,
+        row.series_number,
+        row.description,
+        row.sop_class_uid,
+        row.instance_count,
+        dict(row.header or {}),
+        row.role,
+        row.plane,
+        row.tilt_deg,
+        row.counts_as_input,
+        row.rule,
+        row.reason,
+    )
+
+
+def open_store(url: str) -> Store:
+    """Open the database at ``url`` and bring its schema up to date."""
+    store = Store(url)
+    store.migrate()
+    return store

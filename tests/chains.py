@@ -1,0 +1,46 @@
+"""A chain defined in the tests: it stands in for the model chains in node tests.
+
+It proves the plumbing (route → worker → spool → outbox → PACS) with a real DICOM object: a
+Secondary Capture (highdicom) of the middle slice of its input series. It fails on purpose
+when the study description asks it to, so failure handling is tested too.
+"""
+
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+from pydicom import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from pipeline.chains import RuntimeSettings, StudyInputs
+from pipeline.route import ChainSpec
+
+
+class EchoChain:
+    def __init__(self, spec: ChainSpec, runtime: RuntimeSettings) -> None:
+        self.name = spec.name
+
+    def produce(self, inputs: StudyInputs) -> list[Dataset]:
+        series = next(iter(inputs.series.values()))
+        datasets = series.datasets()
+        source = datasets[len(datasets) // 2]
+        if "FAIL-CHAIN" in str(source.get("StudyDescription", "")):
+            raise RuntimeError("the test chain was asked to fail")
+        pixels = source.pixel_array.astype(np.float32)
+        scaled = (255 * (pixels - pixels.min()) / max(float(np.ptp(pixels)), 1.0)).astype(np.uint8)
+        image = hd.sc.SCImage.from_ref_dataset(
+            ref_dataset=source,
+            pixel_array=scaled,
+            photometric_interpretation="MONOCHROME2",
+            bits_allocated=8,
+            coordinate_system="PATIENT",
+            patient_orientation=("L", "F"),
+            series_instance_uid=generate_uid(),
+            series_number=900,
+            sop_instance_uid=generate_uid(),
+            instance_number=1,
+            manufacturer="sijnode tests",
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+        )
+        image.SeriesDescription = f"{self.name} test output"
+        return [image]
