@@ -271,8 +271,8 @@ class Receiver:
             )
         _check_pixel_length(dataset)
         relative = self.spool.instance_path(uids["StudyInstanceUID"], uids["SeriesInstanceUID"], uids["SOPInstanceUID"])
-        if self.config.storage.duplicates == "keep-first" and self.store.instance_exists(uids["SOPInstanceUID"]):
-            size = 0  # idempotent: the first copy stays, nothing is written
+        if self.config.storage.duplicates == "keep-first" and self.spool.exists(relative):
+            size = 0  # idempotent: the first copy stays (the path is derived from the UIDs)
         else:
             size = self.spool.write_atomic(relative, request.encoded())
         return IncomingInstance(

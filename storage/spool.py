@@ -15,11 +15,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
+import itertools
 from pathlib import Path
 
 # UIDs are digits and dots; anything else (a malicious or broken UID) must not reach the path.
 _SAFE_COMPONENT = re.compile(r"^[0-9A-Za-z.\-_]{1,64}$")
+
+
+_temp_numbers = itertools.count()
 
 
 class SpoolFullError(OSError):
@@ -69,9 +72,10 @@ class Spool:
         """Write bytes to ``relative`` atomically and durably; returns the size."""
         target = self.absolute(relative)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=self.tmp_dir, suffix=".part")
+        # pid + a counter is unique without mkstemp's random-name retries (a hot path).
+        tmp_name = self.tmp_dir / f"{os.getpid()}-{next(_temp_numbers)}.part"
         try:
-            with os.fdopen(fd, "wb") as handle:
+            with open(tmp_name, "xb") as handle:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -93,6 +97,9 @@ class Spool:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def exists(self, relative: str) -> bool:
+        return self.absolute(relative).exists()
 
     def remove(self, relative: str) -> None:
         try:

@@ -6,13 +6,15 @@ short transaction, so any process can die between two of them and the next start
 
 from __future__ import annotations
 
+import contextlib
 import random
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, func, or_, select, update
+from sqlalchemy import Connection, Engine, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -128,13 +130,6 @@ class ClaimedDelivery:
     created_at: datetime
 
 
-def _insert_ignore(session: Session, model: type, values: Mapping[str, Any]) -> None:
-    """INSERT ... ON CONFLICT DO NOTHING: concurrent associations may create the same study or series."""
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    session.execute(insert(model).values(**values).on_conflict_do_nothing())
-
-
 class Store:
     """The node's database."""
 
@@ -142,6 +137,14 @@ class Store:
         self.url = url
         self.engine = engine or make_engine(url)
         self._sessions = make_session_factory(self.engine)
+        # SQLite has one writer at a time; queueing this process's receive threads on a lock is
+        # far cheaper than letting them spin in SQLite's busy handler.
+        self._receive_lock = threading.Lock() if self.engine.dialect.name == "sqlite" else contextlib.nullcontext()
+
+    def _insert_ignore(self, executor: Session | Connection, model: type, values: Mapping[str, Any]) -> None:
+        """INSERT ... ON CONFLICT DO NOTHING: concurrent associations may create the same study or series."""
+        dialect_insert = postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert
+        executor.execute(dialect_insert(model).values(**values).on_conflict_do_nothing())
 
     def migrate(self) -> None:
         migrate(self.engine)
@@ -154,63 +157,51 @@ class Store:
 
     # -- receiving ---------------------------------------------------------------------------
 
-    def instance_exists(self, sop_instance_uid: str) -> bool:
-        with self.session() as session:
-            return session.get(Instance, sop_instance_uid) is not None
-
     def record_instance(self, incoming: IncomingInstance, duplicates: str, late_instances: str) -> str:
         """Record an instance already written to the spool; returns a RecordOutcome value.
 
         A study that already completed is re-opened as a new version when late instances are
-        reprocessed; otherwise the instance is kept but the study stays complete.
+        reprocessed; otherwise the instance is kept but the study stays complete. This is the
+        receive path's hot spot, hence SQLAlchemy Core and a fast path for a receiving study.
         """
-        try:
-            return self._record_instance(incoming, duplicates, late_instances)
-        except IntegrityError:
-            # The same instance arrived on two associations at once: the second now sees the first.
-            return self._record_instance(incoming, duplicates, late_instances)
+        with self._receive_lock:
+            try:
+                return self._record_instance(incoming, duplicates, late_instances)
+            except IntegrityError:
+                # The same instance or series arrived on two associations at once (PostgreSQL):
+                # the second attempt sees the first's row.
+                return self._record_instance(incoming, duplicates, late_instances)
 
     def _record_instance(self, incoming: IncomingInstance, duplicates: str, late_instances: str) -> str:
         now = utcnow()
-        with self.session() as session, session.begin():
-            existing = session.get(Instance, incoming.sop_instance_uid)
-            if existing is not None and duplicates == "keep-first":
-                self._count(session, "instances_duplicate")
-                # A re-send is activity: the study must not complete in the middle of it.
-                session.execute(
-                    update(Study)
-                    .where(Study.study_uid == existing.study_uid, Study.state == StudyState.RECEIVING)
-                    .values(last_received_at=now)
+        with self.engine.begin() as connection:
+            existing_study = connection.execute(
+                select(Instance.study_uid).where(Instance.sop_instance_uid == incoming.sop_instance_uid)
+            ).scalar()
+            if existing_study is not None:
+                self._count(connection, "instances_duplicate")
+                if duplicates == "keep-first":
+                    # A re-send is activity: the study must not complete in the middle of it.
+                    connection.execute(
+                        update(Study)
+                        .where(Study.study_uid == existing_study, Study.state == StudyState.RECEIVING)
+                        .values(last_received_at=now)
+                    )
+                    return RecordOutcome.DUPLICATE_KEPT
+                self._touch_study(connection, incoming, now, late_instances, added=0)
+                connection.execute(
+                    update(Instance)
+                    .where(Instance.sop_instance_uid == incoming.sop_instance_uid)
+                    .values(path=incoming.path, size_bytes=incoming.size_bytes, transfer_syntax_uid=incoming.transfer_syntax_uid, received_at=now)
                 )
-                return RecordOutcome.DUPLICATE_KEPT
-            _insert_ignore(
-                session,
-                Study,
-                dict(
-                    study_uid=incoming.study_uid,
-                    state=StudyState.RECEIVING,
-                    version=1,
-                    study_date=incoming.study_date,
-                    description=incoming.study_description,
-                    instance_count=0,
-                    first_received_at=now,
-                    last_received_at=now,
-                ),
-            )
-            study = session.get(Study, incoming.study_uid, with_for_update=True)
-            assert study is not None
-            if study.state == StudyState.COMPLETE:
-                if late_instances == "reprocess":
-                    study.state = StudyState.RECEIVING
-                    study.version += 1
-                    study.completed_at = None
-                else:
-                    self._count(session, "instances_late_ignored")
-            study.last_received_at = now
-            series = session.get(Series, incoming.series_uid)
-            if series is None:
-                _insert_ignore(
-                    session,
+                return RecordOutcome.DUPLICATE_REPLACED
+            self._touch_study(connection, incoming, now, late_instances, added=1)
+            counted = connection.execute(
+                update(Series).where(Series.series_uid == incoming.series_uid).values(instance_count=Series.instance_count + 1)
+            ).rowcount
+            if not counted:
+                self._insert_ignore(
+                    connection,
                     Series,
                     dict(
                         series_uid=incoming.series_uid,
@@ -219,38 +210,53 @@ class Store:
                         series_number=incoming.series_number,
                         description=incoming.series_description,
                         sop_class_uid=incoming.sop_class_uid,
-                        instance_count=0,
+                        instance_count=1,
                         header=incoming.header() if incoming.header else {},
                     ),
                 )
-            if existing is None:
-                study.instance_count += 1
-                session.execute(
-                    update(Series)
-                    .where(Series.series_uid == incoming.series_uid)
-                    .values(instance_count=Series.instance_count + 1)
+            connection.execute(
+                insert(Instance).values(
+                    sop_instance_uid=incoming.sop_instance_uid,
+                    series_uid=incoming.series_uid,
+                    study_uid=incoming.study_uid,
+                    sop_class_uid=incoming.sop_class_uid,
+                    transfer_syntax_uid=incoming.transfer_syntax_uid,
+                    instance_number=incoming.instance_number,
+                    path=incoming.path,
+                    size_bytes=incoming.size_bytes,
+                    calling_ae_title=incoming.calling_ae_title,
+                    received_at=now,
                 )
-                session.add(
-                    Instance(
-                        sop_instance_uid=incoming.sop_instance_uid,
-                        series_uid=incoming.series_uid,
-                        study_uid=incoming.study_uid,
-                        sop_class_uid=incoming.sop_class_uid,
-                        transfer_syntax_uid=incoming.transfer_syntax_uid,
-                        instance_number=incoming.instance_number,
-                        path=incoming.path,
-                        size_bytes=incoming.size_bytes,
-                        calling_ae_title=incoming.calling_ae_title,
-                        received_at=now,
-                    )
-                )
-                return RecordOutcome.STORED
-            existing.path = incoming.path
-            existing.size_bytes = incoming.size_bytes
-            existing.transfer_syntax_uid = incoming.transfer_syntax_uid
-            existing.received_at = now
-            self._count(session, "instances_duplicate")
-            return RecordOutcome.DUPLICATE_REPLACED
+            )
+            return RecordOutcome.STORED
+
+    def _touch_study(self, connection: Connection, incoming: IncomingInstance, now: datetime, late_instances: str, added: int) -> None:
+        """Note an arrival on the study, creating it or re-opening it when it had completed."""
+        values = dict(last_received_at=now, instance_count=Study.instance_count + added)
+        receiving = (Study.study_uid == incoming.study_uid) & (Study.state == StudyState.RECEIVING)
+        if connection.execute(update(Study).where(receiving).values(**values)).rowcount:
+            return  # the common case: one more instance for a study still arriving
+        self._insert_ignore(
+            connection,
+            Study,
+            dict(
+                study_uid=incoming.study_uid,
+                state=StudyState.RECEIVING,
+                version=1,
+                study_date=incoming.study_date,
+                description=incoming.study_description,
+                instance_count=0,
+                first_received_at=now,
+                last_received_at=now,
+            ),
+        )
+        state = connection.execute(select(Study.state).where(Study.study_uid == incoming.study_uid)).scalar()
+        if state == StudyState.COMPLETE:
+            if late_instances == "reprocess":
+                values.update(state=StudyState.RECEIVING, version=Study.version + 1, completed_at=None)
+            else:
+                self._count(connection, "instances_late_ignored")
+        connection.execute(update(Study).where(Study.study_uid == incoming.study_uid).values(**values))
 
     # -- completion and routing ----------------------------------------------------------------
 
@@ -308,7 +314,7 @@ class Store:
                     )
                 )
             for job in jobs:
-                _insert_ignore(
+                self._insert_ignore(
                     session,
                     Job,
                     dict(
@@ -515,7 +521,7 @@ class Store:
             ).rowcount
 
     def _destination_health(self, session: Session, name: str, ok: bool, error: str | None) -> None:
-        _insert_ignore(session, DestinationHealth, dict(name=name))
+        self._insert_ignore(session, DestinationHealth, dict(name=name))
         health = session.get(DestinationHealth, name)
         assert health is not None
         if ok:
@@ -530,14 +536,13 @@ class Store:
         with self.session() as session, session.begin():
             self._count(session, name, amount)
 
-    @staticmethod
-    def _count(session: Session, name: str, amount: int = 1) -> None:
-        _insert_ignore(session, Counter, dict(name=name, value=0))
-        session.execute(update(Counter).where(Counter.name == name).values(value=Counter.value + amount))
+    def _count(self, executor: Session | Connection, name: str, amount: int = 1) -> None:
+        self._insert_ignore(executor, Counter, dict(name=name, value=0))
+        executor.execute(update(Counter).where(Counter.name == name).values(value=Counter.value + amount))
 
     def beat(self, name: str, pid: int, host: str, started_at: datetime, detail: dict[str, Any]) -> None:
         with self.session() as session, session.begin():
-            _insert_ignore(
+            self._insert_ignore(
                 session, Heartbeat, dict(name=name, pid=pid, host=host, started_at=started_at, beat_at=utcnow(), detail=detail)
             )
             session.execute(
