@@ -78,10 +78,30 @@ def _open_store(config: Config):
 # -- commands ----------------------------------------------------------------------------------
 
 
+def pack_problems(config: Config) -> list[str]:
+    """Each enabled chain's pack must exist, be meant for that chain and match its sha256."""
+    from pipeline.packs import PackError, load_pack
+
+    problems = []
+    for chain in config.chains:
+        if not chain.enabled or not chain.pack:
+            continue
+        try:
+            pack = load_pack(chain.pack)
+            pack.verify()
+        except PackError as error:
+            problems.append(f"chains.{chain.name}.pack: {error}")
+    return problems
+
+
 def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     from node.logs import setup_logging
     from node.service import Service
 
+    problems = pack_problems(config)
+    if problems:
+        errors.print("[red]cannot start: model pack problems[/red]\n" + "\n".join(problems), highlight=False)
+        return 2
     setup_logging(config.logging.level, config.logging.format, config.logging.file)
     Service(config, str(Path(args.config).resolve())).run()
     return 0
@@ -299,10 +319,7 @@ def cmd_explain(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace, config: Config) -> int:
-    problems = []
-    for chain in config.chains:
-        if chain.pack and not Path(chain.pack).exists():
-            problems.append(f"chains.{chain.name}.pack: {chain.pack} does not exist")
+    problems = pack_problems(config)
     tls = config.receiver.tls
     for path in (tls.certificate, tls.private_key, tls.client_ca):
         if tls.enabled and path and not path.exists():
@@ -323,6 +340,97 @@ def cmd_config_check(args: argparse.Namespace, config: Config) -> int:
         console.print(f"{'[red]config has problems' if problems else '[green]config ok'}[/]: {summary['config']}")
         console.print(f"receiver {summary['receiver']}; database {summary['database']}; peers: {', '.join(summary['peers']) or 'none'}; chains: {', '.join(summary['chains']) or 'none'}")
     return 1 if problems else 0
+
+
+def cmd_packs_list(args: argparse.Namespace, config: Config) -> int:
+    from pipeline.packs import PackError, load_pack
+
+    rows = []
+    for chain in config.chains:
+        entry: dict[str, Any] = {"chain": chain.name, "enabled": chain.enabled, "pack": chain.pack}
+        try:
+            manifest = load_pack(chain.pack).manifest if chain.pack else None
+        except PackError as error:
+            entry["error"] = str(error)
+            manifest = None
+        if manifest is not None:
+            entry.update(
+                name=manifest.name,
+                version=manifest.version,
+                demo=manifest.demo,
+                architecture=manifest.architecture.name,
+                outputs={o.name: o.threshold for o in manifest.outputs},
+                intended_use=manifest.intended_use,
+                sha256=manifest.weights.sha256,
+            )
+        rows.append(entry)
+    if args.json:
+        _print_json(rows)
+        return 0
+    console.print(
+        _table(
+            "Model packs",
+            ["chain", "pack", "version", "demo", "architecture", "outputs (threshold)", "sha256"],
+            [
+                [r["chain"] + ("" if r["enabled"] else " (disabled)"), r.get("name") or r.get("error") or r["pack"], r.get("version"),
+                 "[yellow]DEMONSTRATION[/yellow]" if r.get("demo") else ("no" if "demo" in r else None), r.get("architecture"),
+                 ", ".join(f"{k} ({v:g})" for k, v in r.get("outputs", {}).items()), (r.get("sha256") or "")[:16]]
+                for r in rows
+            ],
+        )
+    )
+    return 0
+
+
+def cmd_packs_verify(args: argparse.Namespace, config: Config | None) -> int:
+    from pipeline.packs import PackError, load_pack
+
+    if args.paths:
+        problems = []
+        for path in args.paths:
+            try:
+                load_pack(path).verify()
+            except PackError as error:
+                problems.append(str(error))
+    else:
+        assert config is not None
+        problems = pack_problems(config)
+    checked = len(args.paths) if args.paths else len([c for c in (config.chains if config else []) if c.enabled and c.pack])
+    if args.json:
+        _print_json({"checked": checked, "problems": problems})
+    else:
+        for problem in problems:
+            errors.print(f"[red]{problem}[/red]", highlight=False)
+        console.print(f"{checked - len(problems)} of {checked} pack(s) verified")
+    return 1 if problems else 0
+
+
+def cmd_train(args: argparse.Namespace, config: Config | None) -> int:
+    from pipeline.training import train_chain
+
+    pack = train_chain(args.chain, Path(args.data), Path(args.out), epochs=args.epochs, seed=args.seed, progress=not args.json)
+    manifest = pack.manifest
+    if args.json:
+        _print_json({"pack": str(pack.folder), "name": manifest.name, "version": manifest.version, "evaluation": manifest.evaluation})
+    else:
+        console.print(f"wrote pack {manifest.name} {manifest.version} to {pack.folder}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace, config: Config | None) -> int:
+    from pipeline.training import evaluate_pack
+
+    report = evaluate_pack(Path(args.pack), Path(args.data), Path(args.out) if args.out else None)
+    if args.json:
+        _print_json(report)
+        return 0
+    for variant, metrics in report.get("variants", {"": report.get("metrics", {})}).items():
+        rows = [[name, f"{m['value']:.3f}", f"{m['ci95_low']:.3f}–{m['ci95_high']:.3f}"] for name, m in metrics.items()]
+        console.print(_table(f"Evaluation {variant}".strip(), ["metric", "value", "95% CI (bootstrap)"], rows))
+    for name in ("roc_png", "report"):
+        if report.get(name):
+            console.print(f"{name}: {report[name]}")
+    return 0
 
 
 def cmd_phantom(args: argparse.Namespace, config: Config | None) -> int:
@@ -346,7 +454,7 @@ def cmd_phantom(args: argparse.Namespace, config: Config | None) -> int:
 
 # -- parser ------------------------------------------------------------------------------------
 
-NEEDS_NO_CONFIG = {"phantom"}
+NEEDS_NO_CONFIG = {"phantom", "train", "evaluate"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -382,6 +490,22 @@ def build_parser() -> argparse.ArgumentParser:
     config_sub = config_cmd.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
     check = config_sub.add_parser("check", help="validate config.yaml and the files it names", parents=[common])
     check.set_defaults(handler=cmd_config_check)
+    packs_cmd = sub.add_parser("packs", help="model packs", parents=[common])
+    packs_sub = packs_cmd.add_subparsers(dest="packs_command", required=True, metavar="SUBCOMMAND")
+    packs_sub.add_parser("list", help="the configured chains' packs", parents=[common]).set_defaults(handler=cmd_packs_list)
+    verify = packs_sub.add_parser("verify", help="check packs' weights against their manifests (sha256)", parents=[common])
+    verify.add_argument("paths", nargs="*", help="pack folders (default: the configured chains' packs)")
+    verify.set_defaults(handler=cmd_packs_verify)
+    train = add("train", cmd_train, "train a chain's model pack on phantom studies")
+    train.add_argument("chain")
+    train.add_argument("--data", required=True, help="folder written by sijnode phantom")
+    train.add_argument("--out", required=True, help="pack folder to write")
+    train.add_argument("--epochs", type=int, default=None)
+    train.add_argument("--seed", type=int, default=0)
+    evaluate = add("evaluate", cmd_evaluate, "evaluate a model pack on held-out phantom studies")
+    evaluate.add_argument("pack")
+    evaluate.add_argument("--data", required=True)
+    evaluate.add_argument("--out", default=None, help="report folder (default: the pack folder)")
     phantom = add("phantom", cmd_phantom, "write synthetic sacroiliac-joint studies with ground truth")
     phantom.add_argument("--out", required=True)
     phantom.add_argument("--seed", type=int, default=0)

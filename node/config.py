@@ -117,7 +117,8 @@ class PeerConfig(_Strict):
 
 
 class ClassificationConfig(_Strict):
-    tilt_tolerance_deg: Annotated[float, Field(ge=0, le=45)] = 30.0
+    # Semicoronal MRI follows the sacrum, tilted 25-45° from true coronal: it must count as coronal.
+    tilt_tolerance_deg: Annotated[float, Field(ge=0, le=45)] = 45.0
     # Tried in order before the built-in rules; the first match wins.
     rules: list[ClassificationRule] = []
 
