@@ -39,7 +39,7 @@ from node.config import Config
 from node.logs import log_event
 from pipeline.classify import header_summary
 from storage.spool import Spool, SpoolFullError
-from storage.store import IncomingInstance, RecordOutcome, Store
+from storage.store import IncomingInstance, Store
 
 log = logging.getLogger("sijnode.receiver")
 

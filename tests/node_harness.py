@@ -72,7 +72,8 @@ class Node:
     def database_url(self) -> str:
         return self.config["storage"].get("database_url") or f"sqlite:///{self.workdir / 'var' / 'sijnode.db'}"
 
-    def start(self, timeout: float = 60.0) -> Self:
+    def start(self, timeout: float = 60.0, echo_args: Sequence[str] = (), wait: bool = True) -> Self:
+        """Start ``sijnode serve``; with ``wait``, return once it answers C-ECHO (``echo_args``: e.g. TLS options)."""
         env = dict(dicom_tool_env(), PYTHONPATH=str(REPO))
         self.process = subprocess.Popen(
             [sys.executable, "-m", "node.cli", "--config", str(self.config_path), "serve"],
@@ -82,17 +83,19 @@ class Node:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        if not wait:
+            return self
         try:
-            wait_for(self._ready, timeout=timeout, interval=0.2, what="sijnode to answer C-ECHO")
+            wait_for(lambda: self._ready(echo_args), timeout=timeout, interval=0.2, what="sijnode to answer C-ECHO")
         except BaseException:
             self.kill()
             raise
         return self
 
-    def _ready(self) -> bool:
+    def _ready(self, echo_args: Sequence[str]) -> bool:
         if self.process is not None and self.process.poll() is not None:
             raise RuntimeError(f"sijnode exited with {self.process.returncode}:\n{self.output_tail()}")
-        return run_echoscu(self.port, NODE_AET, timeout=10).returncode == 0
+        return run_echoscu(self.port, NODE_AET, extra_args=echo_args, timeout=10).returncode == 0
 
     def output_tail(self, chars: int = 4000) -> str:
         text = ""

@@ -93,21 +93,8 @@ def test_echo_study_arrives_whole_and_unknown_caller_is_rejected(tmp_path: Path,
 def test_source_address_allowlist_rejects_at_association(tmp_path: Path) -> None:
     with Node(tmp_path / "node", {"receiver": {"allowed_source_addresses": ["127.0.0.1/32"]}}) as node:
         assert run_echoscu(node.port, NODE_AET).returncode == 0
-    config = {"receiver": {"allowed_source_addresses": ["10.0.0.0/8"]}}
-    node = Node(tmp_path / "node2", config)
-    node.process = None
-    # The node answers no echo from 127.0.0.1, so start it without waiting for one.
-    from tests.node_harness import REPO, dicom_tool_env
-    import sys
-
-    node.process = subprocess.Popen(
-        [sys.executable, "-m", "node.cli", "--config", str(node.config_path), "serve"],
-        cwd=REPO,
-        env=dict(dicom_tool_env(), PYTHONPATH=str(REPO)),
-        stdout=open(node.workdir / "stdout.log", "ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    # The node answers no echo from 127.0.0.1 now, so it starts without waiting for one.
+    node = Node(tmp_path / "node2", {"receiver": {"allowed_source_addresses": ["10.0.0.0/8"]}}).start(wait=False)
     try:
         result = wait_for(
             lambda: (r := run_echoscu(node.port, NODE_AET)) and "Rejected" in r.stdout + r.stderr and r,
@@ -123,16 +110,13 @@ def test_source_address_allowlist_rejects_at_association(tmp_path: Path) -> None
 def test_orthanc_pushes_study_and_receives_the_result(tmp_path: Path) -> None:
     study = tmp_path / "study"
     files = make_mr_series(study, 6)
-    with Node(tmp_path / "node") as node_probe:
-        port = node_probe.port
-    with orthanc(tmp_path / "orthanc", modalities={"sijnode": (NODE_AET, LOOPBACK, port)}) as pacs:
+    with orthanc(tmp_path / "orthanc") as pacs:
         overrides = {
             "peers": [{"name": "pacs", "ae_title": pacs.aet, "host": LOOPBACK, "port": pacs.dicom_port}],
             "chains": [TEST_CHAIN],
         }
         with Node(tmp_path / "node-run", overrides) as node:
-            node.config["receiver"]["port"]  # the port the modality entry points at
-            pacs.set_modality("sijnode", NODE_AET, node.port)
+            pacs.set_modality("sijnode", NODE_AET, node.port)  # PACS learns the node's address
             ids = [pacs.upload(path)["ID"] for path in files]
             pacs.store_to("sijnode", ids)
             assert len(_rows(node, Instance)) == 6
@@ -182,7 +166,6 @@ def test_kill_9_mid_transfer_loses_nothing_acknowledged(tmp_path: Path, database
             uid = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
             assert uid in stored, f"acknowledged {path.name} lost"
             assert dcmread(node.workdir / "var" / "spool" / stored[uid].path).SOPInstanceUID == uid
-        assert not list((node.workdir / "var" / "spool" / "tmp").glob("*.part")) or True  # partial temp files never count
 
         # The modality re-sends what failed; the study completes and is processed exactly once.
         resent = run_storescu(files, node.port, NODE_AET)
@@ -265,7 +248,7 @@ def test_malformed_input_gets_failure_status_and_node_keeps_serving(tmp_path: Pa
             "bad VR code": _bad_vr(_variant(good[0], tmp_path / "badvr.dcm")),
         }
         statuses = _send_raw(node.port, list(raw.values()))
-        assert statuses == [0xC210, 0xC210, 0xC210], dict(zip(raw, map(hex, statuses)))
+        assert statuses == [0xC210, 0xC210, 0xC210], dict(zip(raw, map(hex, statuses), strict=True))
 
         assert run_storescu(good, node.port, NODE_AET).returncode == 0
         assert len(_rows(node, Instance)) == 3

@@ -172,14 +172,15 @@ def test_tls_echo_with_client_certificate(tmp_path: Path) -> None:
             "tls": {"enabled": True, "certificate": str(certs["server.crt"]), "private_key": str(certs["server.key"]), "client_ca": str(certs["ca.crt"])}
         }
     }
-    node = Node(tmp_path / "node", overrides)
     tls_args = ["+tls", str(certs["client.key"]), str(certs["client.crt"]), "-pem", "+cf", str(certs["ca.crt"])]
-    node._ready = lambda: run_echoscu(node.port, NODE_AET, extra_args=tls_args).returncode == 0  # type: ignore[method-assign]
-    with node:
+    node = Node(tmp_path / "node", overrides).start(echo_args=tls_args)
+    try:
         assert run_echoscu(node.port, NODE_AET, extra_args=tls_args).returncode == 0
         # Plain DICOM to a TLS port fails, and so does TLS without a client certificate.
         assert run_echoscu(node.port, NODE_AET).returncode != 0
         assert run_echoscu(node.port, NODE_AET, extra_args=["+tla", "+cf", str(certs["ca.crt"])]).returncode != 0
+    finally:
+        node.stop()
 
 
 def _make_certificates(folder: Path) -> dict[str, Path]:
