@@ -373,7 +373,7 @@ def cmd_packs_list(args: argparse.Namespace, config: Config) -> int:
             ["chain", "pack", "version", "demo", "architecture", "outputs (threshold)", "sha256"],
             [
                 [r["chain"] + ("" if r["enabled"] else " (disabled)"), r.get("name") or r.get("error") or r["pack"], r.get("version"),
-                 "[yellow]DEMONSTRATION[/yellow]" if r.get("demo") else ("no" if "demo" in r else None), r.get("architecture"),
+                 "[yellow]DEMONSTRATION[/yellow]" if r.get("demo") else ("no" if "demo" in r else None), (r.get("architecture") or "")[:32],
                  ", ".join(f"{k} ({v:g})" for k, v in r.get("outputs", {}).items()), (r.get("sha256") or "")[:16]]
                 for r in rows
             ],
@@ -403,6 +403,21 @@ def cmd_packs_verify(args: argparse.Namespace, config: Config | None) -> int:
             errors.print(f"[red]{problem}[/red]", highlight=False)
         console.print(f"{checked - len(problems)} of {checked} pack(s) verified")
     return 1 if problems else 0
+
+
+def cmd_packs_import_anatomy_aware(args: argparse.Namespace, config: Config | None) -> int:
+    from pipeline.chains.xr_anatomy.importer import WeightsImportError, import_anatomy_aware
+
+    try:
+        pack = import_anatomy_aware(Path(args.classifier), Path(args.segmenter), Path(args.out), trust_pickle=args.trust_pickle)
+    except WeightsImportError as error:
+        errors.print(f"[red]{error}[/red]", highlight=False)
+        return 1
+    if args.json:
+        _print_json({"pack": str(pack.folder), "name": pack.manifest.name, "version": pack.manifest.version, "sha256": pack.manifest.weights.sha256})
+    else:
+        console.print(f"wrote pack {pack.manifest.name} {pack.manifest.version} to {pack.folder}")
+    return 0
 
 
 def cmd_train(args: argparse.Namespace, config: Config | None) -> int:
@@ -496,6 +511,16 @@ def build_parser() -> argparse.ArgumentParser:
     verify = packs_sub.add_parser("verify", help="check packs' weights against their manifests (sha256)", parents=[common])
     verify.add_argument("paths", nargs="*", help="pack folders (default: the configured chains' packs)")
     verify.set_defaults(handler=cmd_packs_verify)
+    anatomy = packs_sub.add_parser(
+        "import-anatomy-aware",
+        help="import the published anatomy-aware weights (Dorfner et al. 2024) as an xr-anatomy pack",
+        parents=[common],
+    )
+    anatomy.add_argument("--classifier", required=True, help="classification_model.ckpt (PyTorch Lightning checkpoint)")
+    anatomy.add_argument("--segmenter", required=True, help="segmentation_model.pt (torch file with a 'network' entry)")
+    anatomy.add_argument("--out", required=True, help="pack folder to write")
+    anatomy.add_argument("--trust-pickle", action="store_true", help="allow full unpickling (only for files from a trusted source)")
+    anatomy.set_defaults(handler=cmd_packs_import_anatomy_aware, needs_config=False)
     train = add("train", cmd_train, "train a chain's model pack on phantom studies")
     train.add_argument("chain")
     train.add_argument("--data", required=True, help="folder written by sijnode phantom")
@@ -520,7 +545,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     config: Config | None = None
-    if args.command not in NEEDS_NO_CONFIG:
+    if args.command not in NEEDS_NO_CONFIG and getattr(args, "needs_config", True):
         try:
             config = load_config(args.config)
         except ConfigError as error:

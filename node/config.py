@@ -196,9 +196,9 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         peer.tls.ca, peer.tls.certificate, peer.tls.private_key = map(
             resolve, (peer.tls.ca, peer.tls.certificate, peer.tls.private_key)
         )
-    for chain in config.chains:
-        if chain.pack and not Path(chain.pack).is_absolute():
-            chain.pack = str((base / chain.pack).resolve())
+    config.chains = [
+        chain.model_copy(update={"pack": str(resolve(Path(chain.pack)))}) if chain.pack else chain for chain in config.chains
+    ]
     return config
 
 

@@ -1,0 +1,116 @@
+"""The node's xr-anatomy chain: an AP pelvic radiograph in, one patient-level finding and two maps out.
+
+Finding: radiographic sacroiliitis (modified New York criteria), site sacroiliac joint, bilateral,
+the probability of the classifier's positive class, the pack's operating threshold (0.59
+published). ``Finding.present`` is ``probability >= threshold`` while the paper calls a
+radiograph positive when p > 0.59: the two differ only for p exactly equal to 0.59, a set of
+measure zero for a softmax output, so the framework's rule is kept. At p >= 0.7 the finding's
+note says what the paper found such confident predictions to mean.
+
+Maps (on the radiograph's pixel grid): the Grad-CAM of the classifier's last stage, drawn back
+from the crop onto the whole radiograph, and the segmentation overlay of :mod:`.overlay`.
+"""
+
+from __future__ import annotations
+
+from pydicom import Dataset
+
+from pipeline.chains import StudyInputs
+from pipeline.chains.base import ModelChain
+from pipeline.results import (
+    ChainResult,
+    Finding,
+    ImageRef,
+    Laterality,
+    Map,
+    MapMeaning,
+    Site,
+)
+
+from .inference import Analysis, AnatomyAwareModel
+from .overlay import CAPTION as OVERLAY_CAPTION
+from .overlay import segmentation_overlay
+
+OUTPUT = "radiographic_sacroiliitis"  # the manifest output this chain reports
+HIGH_CONFIDENCE = 0.7
+HIGH_CONFIDENCE_NOTE = (
+    "High-confidence prediction (p >= 0.70). In the seed study (Dorfner et al. 2024), a prediction "
+    "of p >= 0.7 in patients without radiographic sacroiliitis at baseline carried an odds ratio of "
+    "2.16 (95 % CI 1.19-3.86) for progression to radiographic sacroiliitis within two years."
+)
+DEMO_NOTE = "This is a demonstration pack trained on phantoms: the published finding does not apply to it."
+GRADCAM_CAPTION = "Grad-CAM (last ResNet stage), evidence for radiographic sacroiliitis, relative to the image's maximum"
+
+
+class XRAnatomyChain(ModelChain):
+    """Anatomy-aware radiographic sacroiliitis detection (Dorfner et al. 2024) on one radiograph."""
+
+    chain_name = "xr-anatomy"
+
+    def build(self, state_dict: dict) -> None:
+        self.model = AnatomyAwareModel.from_pack(
+            self.pack.manifest, state_dict, self.device, sw_batch_size=int(self.options.get("sw_batch_size", 1))
+        )
+        self.threshold = self.pack.manifest.output(OUTPUT).threshold
+
+    def run(self, inputs: StudyInputs) -> ChainResult:
+        from pipeline.encode.codes import concept
+
+        source = self._radiograph(inputs)
+        analysis = self.model.analyze(source, timed=self.timed)
+        ref = ImageRef.of(source)
+        finding = Finding(
+            concept=concept("radiographic sacroiliitis"),
+            site=Site.SACROILIAC_JOINT,
+            probability=min(max(analysis.probability, 0.0), 1.0),
+            threshold=self.threshold,
+            laterality=Laterality.BILATERAL,
+            evidence=(ref,),
+            note=self.note(analysis),
+        )
+        with self.timed("overlay"):
+            overlay = segmentation_overlay(analysis.labels, analysis.classes, analysis.crop)
+        maps = [Map(ref, overlay.values, MapMeaning.SEGMENTATION, caption=OVERLAY_CAPTION)]
+        if analysis.gradcam is not None:
+            maps.insert(0, Map(ref, analysis.gradcam, MapMeaning.GRAD_CAM, caption=GRADCAM_CAPTION))
+        return ChainResult(
+            findings=[finding], provenance=self.provenance(**self.parameters(analysis)), sources=[source], maps=maps
+        )
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _radiograph(self, inputs: StudyInputs) -> Dataset:
+        """The radiograph: the first image (instance-number order) of the XR input series."""
+        series = inputs.series.get("xr") or next(iter(inputs.series.values()))
+        datasets = series.datasets()
+        if not datasets:
+            raise ValueError(f"series {series.series_uid} has no images")
+        return datasets[0]
+
+    def note(self, analysis: Analysis) -> str | None:
+        """The finding's note: the high-confidence statement, and any joint-region fallback."""
+        parts = []
+        if analysis.probability >= HIGH_CONFIDENCE:
+            parts.append(HIGH_CONFIDENCE_NOTE)
+            if self.pack.manifest.demo:
+                parts.append(DEMO_NOTE)
+        for side, method in sorted(analysis.crop.fallbacks.items()):
+            parts.append(f"The {side} joint region was not found next to the sacrum; it was estimated ({method}).")
+        return " ".join(parts) or None
+
+    def parameters(self, analysis: Analysis) -> dict[str, object]:
+        """Provenance parameters (written into the SR's algorithm identification)."""
+        crop = analysis.crop
+        parameters: dict[str, object] = {
+            "decision": f"positive when p >= {self.threshold:g} (paper: p > 0.59)",
+            "high_confidence_threshold": HIGH_CONFIDENCE,
+            "crop_box_rc": crop.box.as_list(),
+            "left_joint_box_rc": crop.regions["left"].box.as_list(),
+            "right_joint_box_rc": crop.regions["right"].box.as_list(),
+            "sacrum_dilation_px": crop.dilation_px,
+            "patient_left_on_image": "right" if analysis.left_on_image_right else "left",
+        }
+        if crop.fallbacks:
+            parameters["joint_region_fallbacks"] = ", ".join(f"{s}: {m}" for s, m in sorted(crop.fallbacks.items()))
+        if analysis.notes.get("ilium_classes_swapped"):
+            parameters["ilium_sides"] = "assigned by position (network classes swapped)"
+        return parameters

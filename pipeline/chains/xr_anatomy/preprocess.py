@@ -1,0 +1,218 @@
+"""Image preprocessing: DICOM to grayscale, the segmenter's input, the classifier's input, and back.
+
+The published pipeline read 8-bit PNG exports of the radiographs; here a DICOM image becomes the
+same thing: the grayscale a reader sees (modality LUT, the image's VOI window or LUT,
+MONOCHROME1 inverted), quantized to 256 levels. Each later step follows the published code
+(FJDorfner/Anatomy-Aware-Classification-axSpA, gradio_code) with MONAI transforms where it used them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import (
+    Compose,
+    GaussianSmooth,
+    NormalizeIntensity,
+    Resize,
+    ResizeWithPadOrCrop,
+    ScaleIntensity,
+)
+from pydicom import Dataset
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from scipy import ndimage
+from skimage import exposure
+
+GRAY_LEVELS = 256  # the published models saw 8-bit images
+
+
+def _first(value: object) -> float:
+    """The first of a possibly multi-valued DS (several windows: the first, as viewers use)."""
+    return float(value[0]) if isinstance(value, Sequence) and not isinstance(value, str) else float(value)
+
+
+def radiograph_gray(dataset: Dataset) -> np.ndarray:
+    """The radiograph as displayed, float32 in [0, 1] on 256 levels (rows × columns).
+
+    VOI: the image's first window (DICOM's linear function, PS3.3 C.11.2.1.2.1, written out
+    because pydicom's general apply_voi_lut takes ~0.3 s on a radiograph) or, for a VOI LUT
+    sequence or a non-linear window function, pydicom's apply_voi_lut; without either, the
+    1st-99th percentile range, so a raw detector image still fills the grey scale.
+    """
+    pixels = dataset.pixel_array
+    if pixels.ndim == 3:  # multi-frame or colour: the first frame's luminance
+        pixels = pixels[0] if int(dataset.get("SamplesPerPixel", 1)) == 1 else pixels.mean(axis=-1)
+    values = np.asarray(apply_modality_lut(pixels, dataset), dtype=np.float32)
+    linear = str(dataset.get("VOILUTFunction", "LINEAR") or "LINEAR").upper() == "LINEAR"
+    if "WindowCenter" in dataset and "WindowWidth" in dataset and linear and "VOILUTSequence" not in dataset:
+        center, width = _first(dataset.WindowCenter), _first(dataset.WindowWidth)
+        gray = np.clip((values - (center - 0.5)) / max(width - 1.0, 1.0) + 0.5, 0.0, 1.0)
+    else:
+        if "WindowCenter" in dataset or "VOILUTSequence" in dataset:
+            values = np.asarray(apply_voi_lut(values, dataset, index=0), dtype=np.float32)
+            low, high = float(values.min()), float(values.max())
+        else:
+            low, high = np.percentile(values[::4, ::4], [1.0, 99.0])
+        gray = np.clip((values - low) / max(high - low, 1e-9), 0.0, 1.0)
+    if dataset.get("PhotometricInterpretation") == "MONOCHROME1":
+        gray = 1.0 - gray
+    return (np.round(gray * (GRAY_LEVELS - 1)) / (GRAY_LEVELS - 1)).astype(np.float32)
+
+
+def patient_left_on_image_right(dataset: Dataset) -> bool:
+    """Whether columns run toward the patient's left (PatientOrientation row direction 'L...').
+
+    An AP radiograph displayed as usual has PatientOrientation L\\F; a flipped one R\\F. Without
+    PatientOrientation (or with ImageOrientationPatient, for cross-sectional sources) the
+    conventional display is assumed.
+    """
+    if "ImageOrientationPatient" in dataset:
+        return float(dataset.ImageOrientationPatient[0]) >= 0  # +x is the patient's left
+    orientation = dataset.get("PatientOrientation")
+    if orientation and len(orientation) == 2 and str(orientation[0]):
+        return str(orientation[0])[0].upper() != "R"
+    return True
+
+
+# ------------------------------------------------------------------------------ segmentation
+@dataclass(frozen=True)
+class SegmentationSettings:
+    """Published: 768×768, σ 0.1, 512×512 windows with 0.75 overlap, image transposed.
+
+    ``transpose``: the network sees the radiograph as (columns, rows), the layout MONAI's
+    LoadImage gives a PNG and the published app fed its UNet (checked: a 100×200 PNG loads as
+    200×100); the class map is transposed back. The demonstration pack is trained without it.
+    """
+
+    size: tuple[int, int]
+    gaussian_sigma: float
+    roi_size: tuple[int, int]
+    overlap: float
+    transpose: bool = False
+
+    @classmethod
+    def from_manifest(cls, preprocessing: Mapping[str, Any]) -> SegmentationSettings:
+        section = preprocessing["segmentation"]
+        return cls(
+            size=tuple(int(v) for v in section["size"]),  # type: ignore[arg-type]
+            gaussian_sigma=float(section["gaussian_sigma"]),
+            roi_size=tuple(int(v) for v in section["roi_size"]),  # type: ignore[arg-type]
+            overlap=float(section["overlap"]),
+            transpose=bool(section.get("transpose", False)),
+        )
+
+
+def segmenter_transform(settings: SegmentationSettings) -> Compose:
+    """Resize (MONAI's default 'area'), z-score, Gaussian smoothing, then scale to [−1, 1]."""
+    return Compose(
+        [
+            Resize(spatial_size=settings.size),
+            NormalizeIntensity(),
+            GaussianSmooth(sigma=settings.gaussian_sigma),
+            ScaleIntensity(minv=-1.0, maxv=1.0),
+        ]
+    )
+
+
+def segmenter_input(gray: np.ndarray, settings: SegmentationSettings) -> torch.Tensor:
+    """The segmenter's input for a grayscale radiograph: (1, 1, *size), values in [−1, 1]."""
+    image = torch.as_tensor(gray.T if settings.transpose else gray, dtype=torch.float32)[None]
+    return plain(segmenter_transform(settings)(image)).float()[None]
+
+
+def plain(tensor: torch.Tensor) -> torch.Tensor:
+    """A MONAI MetaTensor as a plain tensor: networks run faster without metadata tracking."""
+    return tensor.as_tensor() if isinstance(tensor, MetaTensor) else torch.as_tensor(tensor)
+
+
+def labels_to_grid(labels: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """A class map from the segmenter's grid to the radiograph's (nearest neighbour: classes stay classes)."""
+    tensor = torch.as_tensor(labels.astype(np.uint8))[None, None].float()
+    resized = torch.nn.functional.interpolate(tensor, size=tuple(shape), mode="nearest-exact")
+    return resized[0, 0].to(torch.uint8).numpy()
+
+
+def labels_to_input_grid(labels: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """A full-resolution class map down to the segmenter's grid (for training targets)."""
+    return labels_to_grid(labels, size)
+
+
+# ---------------------------------------------------------------------------- classification
+@dataclass(frozen=True)
+class ClassificationSettings:
+    """Published: 416×628 input, 3×3 median, 0.6 × Gaussian(σ 1) subtracted, CLAHE clip 0.01."""
+
+    size: tuple[int, int]
+    median_size: int
+    unsharp_weight: float
+    unsharp_sigma: float
+    clahe_clip_limit: float
+
+    @classmethod
+    def from_manifest(cls, preprocessing: Mapping[str, Any]) -> ClassificationSettings:
+        section = preprocessing["classification"]
+        return cls(
+            size=tuple(int(v) for v in section["size"]),  # type: ignore[arg-type]
+            median_size=int(section["median_size"]),
+            unsharp_weight=float(section["unsharp_weight"]),
+            unsharp_sigma=float(section["unsharp_sigma"]),
+            clahe_clip_limit=float(section["clahe_clip_limit"]),
+        )
+
+
+def _rescale(image: np.ndarray) -> np.ndarray:
+    """skimage's rescale_intensity(in_range='image', out_range=(0, 1)), for a float image."""
+    low, high = float(image.min()), float(image.max())
+    return (image - low) / (high - low) if high > low else np.zeros_like(image)
+
+
+def enhance(crop: np.ndarray, settings: ClassificationSettings) -> np.ndarray:
+    """The published contour enhancement + CLAHE (Qiu et al.), on the crop at full resolution.
+
+    Rescale to [0, 1], median filter (3×3, edges repeated as skimage does), subtract
+    ``unsharp_weight`` × Gaussian(σ) of the result (scipy's Gaussian with skimage's defaults:
+    truncate 4, edges repeated), rescale, then skimage's CLAHE with the default kernel (1/8 of
+    each side) and clip limit 0.01. The published code ran these on a (1, H, W) array; with
+    one plane every step gives the same numbers as on (H, W), checked in the tests.
+    """
+    image = _rescale(crop.astype(np.float64))
+    denoised = ndimage.median_filter(image, size=settings.median_size, mode="nearest")
+    blurred = ndimage.gaussian_filter(denoised, settings.unsharp_sigma, mode="nearest", truncate=4.0)
+    contoured = _rescale(denoised - settings.unsharp_weight * blurred)
+    return exposure.equalize_adapthist(contoured, clip_limit=settings.clahe_clip_limit).astype(np.float32)
+
+
+@lru_cache(maxsize=8)
+def classifier_transform(settings: ClassificationSettings) -> Compose:
+    """Resize the longest side to the input width (bilinear, corners aligned), then pad/crop to the input size.
+
+    One instance per settings: MONAI inverts a transform only with the instance that applied it.
+    """
+    return Compose(
+        [
+            Resize(spatial_size=max(settings.size), size_mode="longest", mode="bilinear", align_corners=True),
+            ResizeWithPadOrCrop(spatial_size=settings.size),
+        ]
+    )
+
+
+def classifier_input(crop: np.ndarray, settings: ClassificationSettings) -> MetaTensor:
+    """The classifier's input for a crop: a (1, H, W) MetaTensor in [0, 1] that remembers its
+    resize and pad, so that :func:`map_to_crop` can take a map on it back to the crop."""
+    enhanced = MetaTensor(torch.as_tensor(enhance(crop, settings))[None])
+    return classifier_transform(settings)(enhanced)
+
+
+def map_to_crop(values: torch.Tensor, transformed: MetaTensor, settings: ClassificationSettings) -> np.ndarray:
+    """A map on the classifier's input grid (H, W) back onto the crop's grid, by inverting the
+    pad/crop and the resize that made ``transformed``."""
+    carried = MetaTensor(values.detach().float().cpu().reshape(1, *transformed.shape[-2:]))
+    carried.applied_operations = [dict(op) for op in transformed.applied_operations]
+    restored = classifier_transform(settings).inverse(carried)
+    return np.asarray(restored[0].detach().cpu().numpy(), dtype=np.float32)
