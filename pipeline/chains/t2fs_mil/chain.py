@@ -1,0 +1,136 @@
+"""The ``t2fs-mil`` chain: axial T2FS series → probability of active sacroiliitis, slice attention, Grad-CAM.
+
+Keskin et al. (2026): ResNet-18 slice features, gated attention over the slices, a bag
+classifier, horizontal-flip test-time augmentation. One probability per series: it covers both
+joints, so the finding is bilateral; the seed model has no per-side output and this chain does
+not invent one.
+
+Options (config.yaml ``chains[].options``):
+
+* ``tta`` (default true): average the probabilities of the bag and its left-right mirror image;
+* ``top_k`` (default 3): Grad-CAM maps (key images) for this many of the most attended slices;
+  0 turns Grad-CAM off;
+* ``batch_slices`` (default 16): slices encoded at a time (memory versus speed);
+* ``parametric_maps`` (default false): also encode the maps as Parametric Maps (ModelChain).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from pipeline.chains import SeriesInput, StudyInputs
+from pipeline.chains.base import ModelChain
+from pipeline.chains.t2fs_mil.inference import (
+    OUTPUT,
+    GradCAMExplainer,
+    check_manifest,
+    load_model,
+    predict,
+    to_source_grid,
+)
+from pipeline.chains.t2fs_mil.preprocess import preprocess_series
+from pipeline.results import (
+    ChainResult,
+    Finding,
+    ImageRef,
+    ImageScore,
+    Laterality,
+    Map,
+    MapMeaning,
+    Site,
+)
+
+OPTIONS: dict[str, Any] = {"tta": True, "top_k": 3, "batch_slices": 16, "parametric_maps": False}
+INPUT_KEY = "t2fs"
+
+BILATERAL_NOTE = (
+    "One probability for the axial T2FS series as a whole (both sacroiliac joints): "
+    "the model does not say which side; see the attention weights and Grad-CAM images for where it looked."
+)
+
+
+class T2FSMILChain(ModelChain):
+    chain_name = "t2fs-mil"
+
+    def build(self, state_dict: dict) -> None:
+        unknown = sorted(set(self.options) - set(OPTIONS))
+        if unknown:
+            raise ValueError(f"chain {self.name}: unknown option(s) {unknown}; known: {sorted(OPTIONS)}")
+        self.settings = {**OPTIONS, **self.options}
+        if not isinstance(self.settings["tta"], bool):
+            raise TypeError(f"chain {self.name}: option tta must be true or false, got {self.settings['tta']!r}")
+        for key in ("top_k", "batch_slices"):
+            value = self.settings[key]
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "top_k" else 1):
+                raise ValueError(f"chain {self.name}: option {key} must be a {'non-negative' if key == 'top_k' else 'positive'} integer, got {value!r}")
+        self.hyperparameters = check_manifest(self.pack)
+        self.model = load_model(self.pack, state_dict).to(self.device)
+        self.explainer = GradCAMExplainer(self.model) if self.settings["top_k"] > 0 else None
+        self.output = self.pack.manifest.output(OUTPUT)
+
+    def _series(self, inputs: StudyInputs) -> SeriesInput:
+        if INPUT_KEY in inputs.series:
+            return inputs.series[INPUT_KEY]
+        if len(inputs.series) == 1:
+            return next(iter(inputs.series.values()))
+        raise ValueError(f"chain {self.name} needs one axial T2FS series (input key {INPUT_KEY!r}), got {sorted(inputs.series)}")
+
+    def run(self, inputs: StudyInputs) -> ChainResult:
+        from pipeline.encode.codes import concept
+
+        tta, top_k = self.settings["tta"], self.settings["top_k"]
+        with self.timed("read"):
+            datasets = self._series(inputs).datasets()
+        with self.timed("preprocess"):
+            ordered, bag = preprocess_series(datasets, self.hyperparameters.input_size)
+            bag = bag.to(self.device)
+        with self.timed("inference"):
+            prediction = predict(self.model, bag, tta=tta, chunk=self.settings["batch_slices"])
+        ranked = [int(i) for i in np.argsort(-prediction.attention, kind="stable")]
+        top = ranked[: min(top_k, len(ordered))]
+        maps: list[Map] = []
+        if self.explainer is not None and top:
+            with self.timed("gradcam"):
+                cams = self.explainer.maps(bag, prediction.features, top)
+                for index, cam in zip(top, cams):
+                    source = ordered[index]
+                    maps.append(
+                        Map(
+                            source=ImageRef.of(source),
+                            values=to_source_grid(cam, int(source.Rows), int(source.Columns)),
+                            meaning=MapMeaning.GRAD_CAM,
+                            key=True,
+                            caption=f"Grad-CAM, slice {ranked.index(index) + 1} of {len(ordered)} by attention ({prediction.attention[index]:.3f})",
+                        )
+                    )
+        finding = Finding(
+            concept=concept(self.output.concept),
+            site=Site.SACROILIAC_JOINT,
+            laterality=Laterality.BILATERAL,
+            probability=float(np.clip(prediction.probability, 0.0, 1.0)),
+            threshold=self.output.threshold,
+            evidence=tuple(ImageRef.of(ordered[i]) for i in top),
+            note=BILATERAL_NOTE,
+        )
+        attention_concept = concept("attention weight")
+        scores = [
+            ImageScore(ImageRef.of(source), float(weight), attention_concept)
+            for source, weight in zip(ordered, prediction.attention)
+        ]
+        parameters: dict[str, object] = {
+            "tta": "horizontal flip" if tta else "off",
+            "slices": len(ordered),
+            "input_size": self.hyperparameters.input_size,
+            "probability without TTA": round(prediction.probability_original, 4),
+        }
+        if prediction.probability_flipped is not None:
+            parameters["probability of the flipped bag"] = round(prediction.probability_flipped, 4)
+        return ChainResult(
+            findings=[finding],
+            provenance=self.provenance(**parameters),
+            sources=ordered,
+            maps=maps,
+            image_scores=scores,
+        )

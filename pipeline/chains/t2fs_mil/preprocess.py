@@ -1,0 +1,112 @@
+"""From an axial T2FS series to the model's bag: slices in patient order, then the seed's preprocessing.
+
+Order: along the slice normal (the cross product of ImageOrientationPatient's row and column
+directions), by ImagePositionPatient projected on it; never by InstanceNumber, which scanners
+number in either direction.
+
+Per slice, as in the seed: resize to ``input_size``×``input_size``, scale to 0–255, histogram
+equalization, then z-score normalization -- MONAI array transforms in a MONAI ``Compose``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from pydicom import Dataset
+from pydicom.pixels import apply_modality_lut
+
+#: what the pack manifest records as ``preprocessing`` (the chain checks it against this)
+PREPROCESSING: dict[str, Any] = {
+    "recipe": "keskin2026-t2fs-v1",
+    "slice_order": "ImagePositionPatient projected on the slice normal (IOP row x column), ascending",
+    "per_slice": ["resize to input_size x input_size (bilinear)", "scale to 0-255", "histogram equalization (256 bins)", "z-score normalization"],
+    "modality_lut": True,
+}
+
+
+class SliceOrderError(ValueError):
+    """The slices cannot be put in patient order (no geometry, or not one stack)."""
+
+
+def slice_normal(dataset: Dataset) -> np.ndarray:
+    orientation = np.asarray([float(v) for v in dataset.ImageOrientationPatient], dtype=float)
+    normal = np.cross(orientation[:3], orientation[3:])
+    return normal / np.linalg.norm(normal)
+
+
+def order_slices(datasets: Sequence[Dataset]) -> list[Dataset]:
+    """The datasets sorted along the slice normal by ImagePositionPatient (ascending)."""
+    if not datasets:
+        raise SliceOrderError("the series has no images")
+    missing = [str(ds.get("SOPInstanceUID", "?")) for ds in datasets if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds]
+    if missing:
+        raise SliceOrderError(f"{len(missing)} image(s) lack ImagePositionPatient/ImageOrientationPatient, e.g. {missing[0]}")
+    normal = slice_normal(datasets[0])
+    for dataset in datasets[1:]:
+        if abs(float(slice_normal(dataset) @ normal)) < 0.99:
+            raise SliceOrderError(f"image {dataset.SOPInstanceUID} is not parallel to the others: not one stack of slices")
+    positions = [float(np.asarray([float(v) for v in ds.ImagePositionPatient]) @ normal) for ds in datasets]
+    order = np.argsort(positions, kind="stable")
+    return [datasets[int(i)] for i in order]
+
+
+def slice_pixels(dataset: Dataset) -> np.ndarray:
+    """The stored pixels through the modality LUT, as float32 (rows, columns)."""
+    pixels = dataset.pixel_array
+    if pixels.ndim != 2:
+        raise ValueError(f"image {dataset.SOPInstanceUID}: expected one 2-D frame, got shape {pixels.shape}")
+    return np.asarray(apply_modality_lut(pixels, dataset), dtype=np.float32)
+
+
+class PerSlice:
+    """Apply a MONAI array transform to each slice (channel) of a (slices, rows, columns) stack on its own."""
+
+    def __init__(self, transform: Any) -> None:
+        self.transform = transform
+
+    def __call__(self, stack: Any) -> torch.Tensor:
+        return torch.stack([torch.as_tensor(self.transform(plane[None]))[0] for plane in torch.as_tensor(stack)])
+
+
+def slice_transform(input_size: int) -> Any:
+    """The seed's per-slice preprocessing as a MONAI Compose on a (slices, rows, columns) stack.
+
+    The slices ride in the channel dimension, and every step works per slice: Resize treats
+    channels alike, ScaleIntensity and NormalizeIntensity run ``channel_wise``, and histogram
+    equalization runs slice by slice.
+    """
+    from monai.transforms import (
+        Compose,
+        HistogramNormalize,
+        NormalizeIntensity,
+        Resize,
+        ScaleIntensity,
+    )
+
+    return Compose(
+        [
+            Resize((input_size, input_size), mode="bilinear", align_corners=False, anti_aliasing=True),
+            ScaleIntensity(minv=0.0, maxv=255.0, channel_wise=True),
+            PerSlice(HistogramNormalize(num_bins=256, min=0, max=255)),
+            NormalizeIntensity(channel_wise=True),
+        ]
+    )
+
+
+def preprocess_slices(images: Sequence[np.ndarray], input_size: int) -> torch.Tensor:
+    """2-D slices in patient order → the bag tensor (slices, 1, input_size, input_size), float32."""
+    shapes = {image.shape for image in images}
+    if len(shapes) != 1:
+        raise ValueError(f"the slices differ in size: {sorted(shapes)}")
+    stack = np.stack([np.asarray(image, dtype=np.float32) for image in images])
+    bag = torch.as_tensor(np.asarray(slice_transform(input_size)(stack)), dtype=torch.float32)
+    return bag[:, None].contiguous()
+
+
+def preprocess_series(datasets: Sequence[Dataset], input_size: int) -> tuple[list[Dataset], torch.Tensor]:
+    """Order a series and preprocess it: (ordered datasets, bag tensor)."""
+    ordered = order_slices(datasets)
+    return ordered, preprocess_slices([slice_pixels(ds) for ds in ordered], input_size)
