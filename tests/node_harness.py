@@ -148,6 +148,17 @@ class Node:
     def store(self) -> Store:
         return Store(self.database_url)
 
+    def rows(self, model: type) -> list:
+        """Every row of one table, read straight from the node's database."""
+        from sqlalchemy import select
+
+        store = self.store()
+        try:
+            with store.session() as session:
+                return list(session.scalars(select(model)))
+        finally:
+            store.dispose()
+
 
 def make_mr_series(
     folder: Path,

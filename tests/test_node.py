@@ -20,20 +20,10 @@ from tests.peers import LOOPBACK, orthanc, run_echoscu, run_storescu, wait_for
 PHI = ("DOE^JANE", "DOE", "PID-4711", "19700101")
 
 
-def _rows(node: Node, model: type) -> list:
-    from sqlalchemy import select
-
-    store = node.store()
-    try:
-        with store.session() as session:
-            return list(session.scalars(select(model)))
-    finally:
-        store.dispose()
-
 
 def _wait_job_state(node: Node, state: str, count: int = 1, timeout: float = 60) -> list[Job]:
     def jobs_in_state() -> list[Job] | None:
-        jobs = [job for job in _rows(node, Job) if job.state == state]
+        jobs = [job for job in node.rows(Job) if job.state == state]
         return jobs if len(jobs) >= count else None
 
     return wait_for(jobs_in_state, timeout=timeout, interval=0.5, what=f"{count} job(s) {state}\n{node.output_tail()}")
@@ -65,7 +55,7 @@ def test_echo_study_arrives_whole_and_unknown_caller_is_rejected(tmp_path: Path,
         sent = run_storescu(study, node.port, NODE_AET)
         assert sent.returncode == 0, sent.stderr
 
-        instances = _rows(node, Instance)
+        instances = node.rows(Instance)
         assert {i.sop_instance_uid for i in instances} == read_uids(t1 + stir)
         for instance in instances:
             stored = dcmread(node.workdir / "var" / "spool" / instance.path)
@@ -85,7 +75,7 @@ def test_echo_study_arrives_whole_and_unknown_caller_is_rejected(tmp_path: Path,
         rejected = run_storescu(t1[:1], node.port, NODE_AET, aet_calling="INTRUDER")
         assert rejected.returncode != 0
         assert "Calling AE Title Not Recognized" in rejected.stderr + rejected.stdout
-        assert len(_rows(node, Instance)) == 21
+        assert len(node.rows(Instance)) == 21
         assert node.cli_json("status")["counters"]["associations_rejected"] >= 1
     _assert_no_phi_in_logs(node)
 
@@ -119,12 +109,12 @@ def test_orthanc_pushes_study_and_receives_the_result(tmp_path: Path) -> None:
             pacs.set_modality("sijnode", NODE_AET, node.port)  # PACS learns the node's address
             ids = [pacs.upload(path)["ID"] for path in files]
             pacs.store_to("sijnode", ids)
-            assert len(_rows(node, Instance)) == 6
+            assert len(node.rows(Instance)) == 6
 
             jobs = _wait_job_state(node, "done")
             assert jobs[0].chain == "test-echo"
             delivered = wait_for(
-                lambda: [d for d in _rows(node, Delivery) if d.state == "done"] or None,
+                lambda: [d for d in node.rows(Delivery) if d.state == "done"] or None,
                 timeout=60,
                 what=f"delivery acknowledged\n{node.output_tail()}",
             )
@@ -154,14 +144,14 @@ def test_kill_9_mid_transfer_loses_nothing_acknowledged(tmp_path: Path, database
             text=True,
             env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"},
         )
-        wait_for(lambda: len(_rows(node, Instance)) >= 40, timeout=60, interval=0.05, what="first instances stored")
+        wait_for(lambda: len(node.rows(Instance)) >= 40, timeout=60, interval=0.05, what="first instances stored")
         node.kill()
         output, _ = sender.communicate(timeout=60)
         acknowledged = _acknowledged_files(output)
         assert 40 <= len(acknowledged) < len(files), "the kill must land mid-transfer"
 
         node.start()
-        stored = {i.sop_instance_uid: i for i in _rows(node, Instance)}
+        stored = {i.sop_instance_uid: i for i in node.rows(Instance)}
         for path in acknowledged:
             uid = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
             assert uid in stored, f"acknowledged {path.name} lost"
@@ -170,10 +160,10 @@ def test_kill_9_mid_transfer_loses_nothing_acknowledged(tmp_path: Path, database
         # The modality re-sends what failed; the study completes and is processed exactly once.
         resent = run_storescu(files, node.port, NODE_AET)
         assert resent.returncode == 0, resent.stderr
-        assert len(_rows(node, Instance)) == 400
+        assert len(node.rows(Instance)) == 400
         _wait_job_state(node, "done")
         time.sleep(4)  # longer than the quiet period: no second completion may appear
-        jobs = _rows(node, Job)
+        jobs = node.rows(Job)
         assert [(j.chain, j.study_version, j.state) for j in jobs] == [("test-echo", 1, "done")]
     finally:
         node.kill()
@@ -206,7 +196,7 @@ def test_destination_down_then_up_delivers_exactly_once(tmp_path: Path) -> None:
             assert run_storescu(files, node.port, NODE_AET).returncode == 0
             _wait_job_state(node, "done")
             failing = wait_for(
-                lambda: [d for d in _rows(node, Delivery) if d.attempts >= 2] or None,
+                lambda: [d for d in node.rows(Delivery) if d.attempts >= 2] or None,
                 timeout=60,
                 what="failed delivery attempts",
             )
@@ -216,13 +206,13 @@ def test_destination_down_then_up_delivers_exactly_once(tmp_path: Path) -> None:
 
             pacs.start()
             done = wait_for(
-                lambda: [d for d in _rows(node, Delivery) if d.state == "done"] or None,
+                lambda: [d for d in node.rows(Delivery) if d.state == "done"] or None,
                 timeout=60,
                 what=f"delivery after the PACS came back\n{node.output_tail()}",
             )
             attempts = done[0].attempts
             time.sleep(4)  # several sender cycles: an acknowledged object is never sent again
-            deliveries = _rows(node, Delivery)
+            deliveries = node.rows(Delivery)
             assert len(deliveries) == 1 and deliveries[0].state == "done" and deliveries[0].attempts == attempts
             assert pacs.instance_id_for(done[0].output_uid) is not None
             assert len(pacs.instances()) == 1
@@ -251,7 +241,7 @@ def test_malformed_input_gets_failure_status_and_node_keeps_serving(tmp_path: Pa
         assert statuses == [0xC210, 0xC210, 0xC210], dict(zip(raw, map(hex, statuses), strict=True))
 
         assert run_storescu(good, node.port, NODE_AET).returncode == 0
-        assert len(_rows(node, Instance)) == 3
+        assert len(node.rows(Instance)) == 3
         assert node.cli_json("status")["counters"]["instances_rejected"] == 5
 
 
@@ -338,7 +328,7 @@ def test_compressed_transfer_syntaxes_are_stored_as_received_and_decodable(tmp_p
         for path, syntax in compressed:
             sent = run_storescu([path], node.port, NODE_AET, extra_args=[propose[syntax]])
             assert sent.returncode == 0, f"{syntax.name}: {sent.stderr}"
-        stored = {i.sop_instance_uid: i for i in _rows(node, Instance)}
+        stored = {i.sop_instance_uid: i for i in node.rows(Instance)}
         for (path, syntax), original in zip(compressed, files, strict=True):
             instance = stored[str(dcmread(path).SOPInstanceUID)]
             assert instance.transfer_syntax_uid == syntax

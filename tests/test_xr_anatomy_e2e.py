@@ -28,16 +28,6 @@ SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
 
 
-def _rows(node: Node, model: type) -> list:
-    from sqlalchemy import select
-
-    store = node.store()
-    try:
-        with store.session() as session:
-            return list(session.scalars(select(model)))
-    finally:
-        store.dispose()
-
 
 def _content_texts(dataset) -> list[str]:
     """Every concept meaning and text value in an SR's content tree."""
@@ -68,12 +58,12 @@ def test_phantom_radiograph_comes_back_as_sr_and_heatmaps_in_orthanc(tmp_path: P
             assert sent.returncode == 0, sent.stderr
 
             jobs = wait_for(
-                lambda: [j for j in _rows(node, Job) if j.state in ("done", "failed")] or None,
+                lambda: [j for j in node.rows(Job) if j.state in ("done", "failed")] or None,
                 timeout=150, interval=0.5, what=f"the xr-anatomy job\n{node.output_tail()}",
             )
             assert [(j.chain, j.state) for j in jobs] == [("xr-anatomy", "done")], node.output_tail()
             delivered = wait_for(
-                lambda: (d := [d for d in _rows(node, Delivery) if d.state == "done"]) and len(d) >= 3 and d or None,
+                lambda: (d := [d for d in node.rows(Delivery) if d.state == "done"]) and len(d) >= 3 and d or None,
                 timeout=60, what=f"three deliveries acknowledged\n{node.output_tail()}",
             )
 
