@@ -210,3 +210,11 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     result = subprocess.run([analyze, "verify", str(tmp_path / "sijnode.service")], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "sijnode.service" not in result.stdout + result.stderr, result.stdout + result.stderr
+
+
+def test_the_node_never_imports_torch() -> None:
+    """Receiving, routing and dispatch run without torch; only worker processes load chains."""
+    check = "import sys, node.cli, node.service, node.receiver, node.sender, node.completion, node.worker; print(sorted(m for m in ('torch', 'monai') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
