@@ -21,6 +21,7 @@ from pydicom import dcmwrite
 from node.config import Config, load_config
 from node.logs import log_event, setup_logging
 from pipeline.chains import Chain, RuntimeSettings, SeriesInput, StudyInputs, load_chain
+from pipeline.route import ChainSpec
 from storage.spool import Spool
 from storage.store import ClaimedJob, ProducedObject, Store
 
@@ -38,12 +39,15 @@ class Worker:
         self._chains: dict[str, Chain] = {}
         self.runtime = RuntimeSettings(device=config.workers.device, torch_threads=config.workers.torch_threads)
 
+    def spec(self, name: str) -> ChainSpec:
+        for spec in self.config.chains:
+            if spec.name == name:
+                return spec
+        raise KeyError(f"chain {name!r} is no longer in the config")
+
     def chain(self, name: str) -> Chain:
         if name not in self._chains:
-            specs = {spec.name: spec for spec in self.config.chains}
-            if name not in specs:
-                raise KeyError(f"chain {name!r} is no longer in the config")
-            self._chains[name] = load_chain(specs[name], self.runtime)
+            self._chains[name] = load_chain(self.spec(name), self.runtime)
         return self._chains[name]
 
     def run_one(self) -> bool:
@@ -73,14 +77,13 @@ class Worker:
         return True
 
     def _run(self, job: ClaimedJob) -> list[ProducedObject]:
-        spec = next((c for c in self.config.chains if c.name == job.chain), None)
         inputs = StudyInputs(
             study_uid=job.study_uid,
             series={
                 key: SeriesInput(key, job.inputs[key], tuple(self.spool.absolute(p) for p in paths))
                 for key, paths in job.input_paths.items()
             },
-            options=dict(spec.options) if spec else {},
+            options=dict(self.spec(job.chain).options),
         )
         datasets = self.chain(job.chain).produce(inputs)
         produced = []

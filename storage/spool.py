@@ -100,9 +100,3 @@ class Spool:
 
     def exists(self, relative: str) -> bool:
         return self.absolute(relative).exists()
-
-    def remove(self, relative: str) -> None:
-        try:
-            self.absolute(relative).unlink()
-        except FileNotFoundError:
-            pass

@@ -624,13 +624,6 @@ class Store:
         with self.session() as session:
             return list(session.scalars(select(Instance).where(Instance.study_uid == study_uid).order_by(Instance.series_uid, Instance.instance_number)))
 
-    def deliveries(self, output_uid: str | None = None) -> list[Delivery]:
-        with self.session() as session:
-            query = select(Delivery).order_by(Delivery.id)
-            if output_uid:
-                query = query.where(Delivery.output_uid == output_uid)
-            return list(session.scalars(query))
-
 
 def _series_record(row: Series) -> SeriesRecord:
     return SeriesRecord(

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.cam import normalize_cam
 from pipeline.chains.t2fs_mil.model import (
     T2FSMIL,
     Hyperparameters,
@@ -66,9 +67,8 @@ class GradCAMExplainer:
     Works on a private copy of the model: MONAI registers hooks on the target layer for good,
     and the copy keeps them off the network that makes the predictions. The map is the positive
     part of the gradient-weighted activations for the bag's logit of active sacroiliitis, so high
-    means evidence for the positive class. MONAI's default post-processing maps (min, max) to
-    (1, 0), i.e. inverts the map; it is replaced by the identity here and each slice's map is
-    divided by its own maximum instead (all-zero stays zero).
+    means evidence for the positive class; ``pipeline.cam.normalize_cam`` replaces MONAI's
+    inverting post-processing and divides each slice's map by its own maximum.
     """
 
     def __init__(self, model: T2FSMIL) -> None:
@@ -77,7 +77,7 @@ class GradCAMExplainer:
         self.model = copy.deepcopy(model).eval()
         device = next(model.parameters()).device
         self.wrapper = PartialBag(self.model, torch.zeros(1, model.feature_dim, device=device), [0])
-        self.cam = GradCAM(self.wrapper, target_layers="model.encoder.layer4", postprocessing=lambda cam: cam)
+        self.cam = GradCAM(self.wrapper, target_layers="model.encoder.layer4", postprocessing=normalize_cam)
 
     def maps(self, bag: torch.Tensor, features: torch.Tensor, positions: list[int]) -> np.ndarray:
         """(len(positions), H, W) maps in [0, 1] on the preprocessed grid of those slices."""
@@ -87,10 +87,7 @@ class GradCAMExplainer:
         self.wrapper.positions = list(positions)
         with torch.enable_grad():
             raw = self.cam(bag[positions].detach().clone(), class_idx=0)
-        raw = raw[:, 0].detach().float().clamp_min(0)
-        peak = raw.flatten(1).amax(dim=1)[:, None, None]
-        normalized = torch.where(peak > 0, raw / peak.clamp_min(1e-12), torch.zeros_like(raw))
-        return normalized.clamp(0, 1).cpu().numpy()
+        return raw[:, 0].detach().clamp(0, 1).cpu().numpy()
 
 
 def to_source_grid(values: np.ndarray, rows: int, columns: int) -> np.ndarray:

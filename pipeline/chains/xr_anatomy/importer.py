@@ -44,7 +44,6 @@ the site trusts).
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,7 +51,7 @@ from typing import Any
 
 import torch
 
-from pipeline.packs import ModelPack, write_pack
+from pipeline.packs import ModelPack, sha256_of, write_pack
 
 from .model import (
     CLASSIFIER_PREFIX,
@@ -185,14 +184,6 @@ def published_manifest(classifier_sha: str, segmenter_sha: str, ignored: list[st
     }
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def import_anatomy_aware(classifier: Path, segmenter: Path, out: Path, *, trust_pickle: bool = False) -> ModelPack:
     """Turn the published ``classification_model.ckpt`` and ``segmentation_model.pt`` into a pack at ``out``.
 
@@ -205,5 +196,5 @@ def import_anatomy_aware(classifier: Path, segmenter: Path, out: Path, *, trust_
     segmenter_state = segmenter_state_dict(_load(segmenter, trust_pickle), segmenter)
     state = {SEGMENTER_PREFIX + k: v for k, v in segmenter_state.items()}
     state.update({CLASSIFIER_PREFIX + k: v for k, v in classifier_state.items()})
-    manifest = published_manifest(_sha256(classifier), _sha256(segmenter), ignored)
+    manifest = published_manifest(sha256_of(classifier), sha256_of(segmenter), ignored)
     return write_pack(out, manifest, state)

@@ -17,6 +17,8 @@ from monai.transforms import KeepLargestConnectedComponent
 from monai.visualize import GradCAM
 from pydicom import Dataset
 
+from pipeline.cam import normalize_cam
+
 from .data import LEFT_ILIUM, RIGHT_ILIUM, SACRUM
 from .joints import JointCrop, ilium_classes, joint_regions
 from .model import Networks, load_networks
@@ -53,17 +55,6 @@ class Analysis:
     left_on_image_right: bool
     gradcam: np.ndarray | None = None  # float32 in [0, 1]; zero outside the crop
     notes: dict[str, Any] = field(default_factory=dict)
-
-
-def normalize_cam(raw: torch.Tensor) -> torch.Tensor:
-    """Grad-CAM to [0, 1] with high = evidence for the positive class.
-
-    MONAI's default postprocessing maps (min, max) to (1, 0), i.e. inverts the map; ours divides
-    the ReLU'd map by its maximum, so 0 stays "no evidence" and 1 is the image's strongest.
-    """
-    raw = torch.nan_to_num(raw.detach().float().clamp_min(0.0))
-    peak = float(raw.max())
-    return raw / peak if peak > 0 else torch.zeros_like(raw)
 
 
 class AnatomyAwareModel:
