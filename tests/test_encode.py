@@ -209,8 +209,8 @@ def sr_validator_reports(
 
     The validator takes seconds per SR (more for big ones), so the radiograph SRs are small.
     """
-    if JAVA is None or not PIXELMED.exists():
-        pytest.skip("java or pixelmed.jar not installed")
+    # tests/run installs pixelmed-apps (and its JRE): a missing validator is a failure, not a skip.
+    assert JAVA is not None and PIXELMED.exists(), "java or pixelmed.jar missing: install the Debian package pixelmed-apps"
     folder = tmp_path_factory.mktemp("validator")
     paths = {
         "demo": files["demo"][0],
