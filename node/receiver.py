@@ -7,16 +7,17 @@ C-STORE failure status and the association carries on.
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import logging
 import ssl
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from pydicom import Dataset
-from pydicom.dataelem import DataElement
-from pydicom.sequence import Sequence as DicomSequence
+from pydicom import Dataset, dcmread
+from pydicom.datadict import dictionary_VR
 from pydicom.uid import UID
+from pydicom.valuerep import VR
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, build_context, evt
 from pynetdicom.acse import ACSE
 from pynetdicom.sop_class import (
@@ -127,12 +128,29 @@ class _SourceAddressRejectingACSE(ACSE):
         self.assoc.kill()
 
 
-def _fully_decode(dataset: Dataset) -> None:
-    """Convert every raw element so encoding errors (bad VR, bad lengths) surface here, not later."""
-    for element in dataset:
-        if isinstance(element, DataElement) and element.VR == "SQ" and isinstance(element.value, DicomSequence):
-            for item in element.value:
-                _fully_decode(item)
+_KNOWN_VRS = frozenset(vr.value for vr in VR)
+
+
+def _check_structure(dataset: Dataset) -> None:
+    """Raise if the dataset's structure cannot be parsed: an unknown VR or an undecodable sequence.
+
+    Reading parses tags and lengths; pydicom converts values (and sequence items) only when they
+    are used. Converting every value here cost as much as the rest of the receive path, so only
+    what the structure needs is checked: VR codes, and the items of every sequence, recursively.
+    """
+    for tag in dataset.keys():
+        element = dataset.get_item(tag)  # raw: its value is not converted
+        vr = element.VR
+        if vr is None:  # implicit VR: the data dictionary says
+            try:
+                vr = dictionary_VR(tag)
+            except KeyError:
+                continue  # private or unknown: read as UN
+        elif vr not in _KNOWN_VRS:
+            raise ValueError(f"unknown VR {vr!r} in {tag}")
+        if vr == "SQ":
+            for item in dataset[tag].value:
+                _check_structure(item)
 
 
 def _check_pixel_length(dataset: Dataset) -> None:
@@ -142,13 +160,21 @@ def _check_pixel_length(dataset: Dataset) -> None:
     try:
         frames = int(dataset.get("NumberOfFrames", 1) or 1)
         expected = dataset.Rows * dataset.Columns * dataset.SamplesPerPixel * frames * ((dataset.BitsAllocated + 7) // 8)
+        if dataset.BitsAllocated == 1:
+            expected = (dataset.Rows * dataset.Columns * frames + 7) // 8
     except (AttributeError, TypeError, ValueError) as error:
         raise InstanceRejected(Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, f"image pixel module incomplete: {error}") from None
-    if dataset.BitsAllocated == 1:
-        expected = (dataset.Rows * dataset.Columns * frames + 7) // 8
     actual = len(dataset.PixelData)
     if actual < expected:
         raise InstanceRejected(Status.CANNOT_UNDERSTAND, f"pixel data has {actual} bytes, {expected} expected")
+
+
+def _header_summary(dataset: Dataset) -> dict[str, Any]:
+    """The series' classification header; a value pydicom cannot convert is noted, not fatal."""
+    try:
+        return header_summary(dataset)
+    except Exception as error:  # the instance is stored; its series will classify as OTHER
+        return {"HeaderUnreadable": f"{type(error).__name__}: {error}"[:200]}
 
 
 def _text(dataset: Dataset, keyword: str, limit: int = 64) -> str | None:
@@ -171,8 +197,9 @@ class StoreRequest:
     affected_sop_class_uid: str
     affected_sop_instance_uid: str
     calling_ae_title: str
-    dataset: Callable[[], Dataset]
-    encoded: Callable[[], bytes]
+    # The instance as a DICOM file: preamble, file meta (from the presentation context) and
+    # the dataset exactly as received.
+    encoded: bytes
 
 
 class Receiver:
@@ -215,8 +242,7 @@ class Receiver:
             affected_sop_class_uid=str(event.request.AffectedSOPClassUID),
             affected_sop_instance_uid=str(event.request.AffectedSOPInstanceUID),
             calling_ae_title=event.assoc.requestor.ae_title,
-            dataset=lambda: _dataset_with_meta(event),
-            encoded=lambda: event.encoded_dataset(include_meta=True),
+            encoded=event.encoded_dataset(include_meta=True),
         )
         return self.store_instance(request)
 
@@ -250,21 +276,30 @@ class Receiver:
         return Status.SUCCESS
 
     def _accept(self, request: StoreRequest) -> IncomingInstance:
-        """Decode and check the dataset, then write it to the spool (not yet recorded)."""
+        """Read and check the instance, then write it to the spool (not yet recorded)."""
         try:
-            dataset = request.dataset()
-            _fully_decode(dataset)
+            dataset = dcmread(io.BytesIO(request.encoded))
+            _check_structure(dataset)
+            uids = {
+                keyword: str(dataset.get(keyword, "") or "").strip()
+                for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+            }
+            facts = dict(
+                instance_number=_integer(dataset, "InstanceNumber"),
+                modality=_text(dataset, "Modality", 16),
+                series_number=_integer(dataset, "SeriesNumber"),
+                series_description=_text(dataset, "SeriesDescription"),
+                study_date=_text(dataset, "StudyDate", 8),
+                study_description=_text(dataset, "StudyDescription"),
+            )
         except Exception as error:  # pydicom raises many types for undecodable input
             raise InstanceRejected(Status.CANNOT_UNDERSTAND, f"dataset cannot be decoded: {type(error).__name__}: {error}") from None
-        uids = {}
-        for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
-            value = str(dataset.get(keyword, "") or "").strip()
+        for keyword, value in uids.items():
             if not value or not UID(value).is_valid:
                 # Without its own SOP UIDs the data is not a DICOM object at all (random bytes
                 # parse as garbage elements); without study/series UIDs it misses its IOD's modules.
                 status = Status.CANNOT_UNDERSTAND if keyword.startswith("SOP") else Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
                 raise InstanceRejected(status, f"{keyword} missing or invalid")
-            uids[keyword] = value
         if uids["SOPInstanceUID"] != request.affected_sop_instance_uid or uids["SOPClassUID"] != request.affected_sop_class_uid:
             raise InstanceRejected(
                 Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOP Class/Instance UID differ from the C-STORE request"
@@ -274,7 +309,7 @@ class Receiver:
         if self.config.storage.duplicates == "keep-first" and self.spool.exists(relative):
             size = 0  # idempotent: the first copy stays (the path is derived from the UIDs)
         else:
-            size = self.spool.write_atomic(relative, request.encoded())
+            size = self.spool.write_atomic(relative, request.encoded)
         return IncomingInstance(
             study_uid=uids["StudyInstanceUID"],
             series_uid=uids["SeriesInstanceUID"],
@@ -283,14 +318,9 @@ class Receiver:
             transfer_syntax_uid=str(dataset.file_meta.TransferSyntaxUID),
             path=relative,
             size_bytes=size,
-            instance_number=_integer(dataset, "InstanceNumber"),
-            modality=_text(dataset, "Modality", 16),
-            series_number=_integer(dataset, "SeriesNumber"),
-            series_description=_text(dataset, "SeriesDescription"),
-            study_date=_text(dataset, "StudyDate", 8),
-            study_description=_text(dataset, "StudyDescription"),
             calling_ae_title=request.calling_ae_title,
-            header=lambda: header_summary(dataset),
+            header=lambda: _header_summary(dataset),
+            **facts,
         )
 
     def _rejected(self, request: StoreRequest, status: int, reason: str) -> int:
@@ -344,12 +374,6 @@ class Receiver:
         if self.server is not None:
             self.server.shutdown()
             self.server = None
-
-
-def _dataset_with_meta(event: evt.Event) -> Dataset:
-    dataset = event.dataset
-    dataset.file_meta = event.file_meta
-    return dataset
 
 
 def server_ssl_context(config: Config) -> ssl.SSLContext | None:

@@ -12,10 +12,10 @@ a half-written file under a final name.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shutil
-import itertools
 from pathlib import Path
 
 # UIDs are digits and dots; anything else (a malicious or broken UID) must not reach the path.
@@ -71,14 +71,14 @@ class Spool:
     def write_atomic(self, relative: str, data: bytes | memoryview) -> int:
         """Write bytes to ``relative`` atomically and durably; returns the size."""
         target = self.absolute(relative)
-        target.parent.mkdir(parents=True, exist_ok=True)
         # pid + a counter is unique without mkstemp's random-name retries (a hot path).
         tmp_name = self.tmp_dir / f"{os.getpid()}-{next(_temp_numbers)}.part"
         try:
             with open(tmp_name, "xb") as handle:
                 handle.write(data)
                 handle.flush()
-                os.fsync(handle.fileno())
+                os.fdatasync(handle.fileno())
+            self._make_dirs(target.parent)
             os.replace(tmp_name, target)
         except BaseException:
             try:
@@ -88,6 +88,16 @@ class Spool:
             raise
         self._fsync_dir(target.parent)
         return len(data)
+
+    def _make_dirs(self, folder: Path) -> None:
+        """Create ``folder`` and any missing parents, each durably entered in its parent."""
+        if folder.is_dir():
+            return
+        self._make_dirs(folder.parent)
+        # Another association may create it at the same moment; either way its entry is synced
+        # before this instance is acknowledged.
+        folder.mkdir(exist_ok=True)
+        self._fsync_dir(folder.parent)
 
     @staticmethod
     def _fsync_dir(folder: Path) -> None:

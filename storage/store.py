@@ -6,7 +6,7 @@ short transaction, so any process can die between two of them and the next start
 
 from __future__ import annotations
 
-import contextlib
+import collections
 import random
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, func, insert, or_, select, update
+from sqlalchemy import Connection, Engine, bindparam, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -33,6 +33,7 @@ from storage.models import (
     Series,
     Study,
     StudyState,
+    UTCDateTime,
     utcnow,
 )
 
@@ -63,6 +64,63 @@ class RecordOutcome:
     STORED = "stored"
     DUPLICATE_KEPT = "duplicate-kept"  # keep-first: the earlier copy stays
     DUPLICATE_REPLACED = "duplicate-replaced"
+
+
+# Prebuilt statements of the receive path: building Core constructs per instance cost more
+# than executing them. "b_" names: SQLAlchemy reserves column names for SET parameters.
+_KNOWN_INSTANCES = select(Instance.sop_instance_uid, Instance.study_uid).where(
+    Instance.sop_instance_uid.in_(bindparam("uids", expanding=True))
+)
+_TOUCH_RECEIVING_STUDY = (
+    update(Study)
+    .where(Study.study_uid == bindparam("b_study_uid"), Study.state == StudyState.RECEIVING)
+    .values(last_received_at=bindparam("b_now", type_=UTCDateTime()), instance_count=Study.instance_count + bindparam("b_added"))
+)
+_COUNT_SERIES = (
+    update(Series)
+    .where(Series.series_uid == bindparam("b_series_uid"))
+    .values(instance_count=Series.instance_count + bindparam("b_added"))
+)
+_REPLACE_INSTANCE = (
+    update(Instance)
+    .where(Instance.sop_instance_uid == bindparam("b_sop_instance_uid"))
+    .values(
+        path=bindparam("b_path"),
+        size_bytes=bindparam("b_size_bytes"),
+        transfer_syntax_uid=bindparam("b_transfer_syntax_uid"),
+        received_at=bindparam("b_now", type_=UTCDateTime()),
+    )
+)
+
+
+def _instance_row(incoming: IncomingInstance, now: datetime) -> dict[str, Any]:
+    return dict(
+        sop_instance_uid=incoming.sop_instance_uid,
+        series_uid=incoming.series_uid,
+        study_uid=incoming.study_uid,
+        sop_class_uid=incoming.sop_class_uid,
+        transfer_syntax_uid=incoming.transfer_syntax_uid,
+        instance_number=incoming.instance_number,
+        path=incoming.path,
+        size_bytes=incoming.size_bytes,
+        calling_ae_title=incoming.calling_ae_title,
+        received_at=now,
+    )
+
+
+@dataclass
+class _PendingRow:
+    """An instance waiting for the group commit that records it."""
+
+    incoming: IncomingInstance
+    duplicates: str
+    late_instances: str
+    outcome: str | None = None
+    error: Exception | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.outcome is not None or self.error is not None
 
 
 @dataclass(frozen=True)
@@ -137,9 +195,11 @@ class Store:
         self.url = url
         self.engine = engine or make_engine(url)
         self._sessions = make_session_factory(self.engine)
-        # SQLite has one writer at a time; queueing this process's receive threads on a lock is
-        # far cheaper than letting them spin in SQLite's busy handler.
-        self._receive_lock = threading.Lock() if self.engine.dialect.name == "sqlite" else contextlib.nullcontext()
+        # Group commit of received instances (record_instance). One writer at a time also keeps
+        # this process's receive threads out of SQLite's busy handler.
+        self._writer_lock = threading.Lock()
+        self._queue_lock = threading.Lock()
+        self._queued_rows: list[_PendingRow] = []
 
     def _insert_ignore(self, executor: Session | Connection, model: type, values: Mapping[str, Any]) -> None:
         """INSERT ... ON CONFLICT DO NOTHING: concurrent associations may create the same study or series."""
@@ -160,82 +220,121 @@ class Store:
     def record_instance(self, incoming: IncomingInstance, duplicates: str, late_instances: str) -> str:
         """Record an instance already written to the spool; returns a RecordOutcome value.
 
-        A study that already completed is re-opened as a new version when late instances are
-        reprocessed; otherwise the instance is kept but the study stays complete. This is the
-        receive path's hot spot, hence SQLAlchemy Core and a fast path for a receiving study.
+        Returns only once the row is committed. Concurrent callers (one per association) share
+        transactions: whoever holds the writer lock commits every row queued until then (group
+        commit), so parallel associations pay one commit per batch instead of one per instance.
         """
-        with self._receive_lock:
-            try:
-                return self._record_instance(incoming, duplicates, late_instances)
-            except IntegrityError:
-                # The same instance or series arrived on two associations at once (PostgreSQL):
-                # the second attempt sees the first's row.
-                return self._record_instance(incoming, duplicates, late_instances)
+        pending = _PendingRow(incoming, duplicates, late_instances)
+        with self._queue_lock:
+            self._queued_rows.append(pending)
+        with self._writer_lock:
+            if not pending.finished:  # else an earlier lock holder committed it in its batch
+                with self._queue_lock:
+                    batch, self._queued_rows = self._queued_rows, []
+                self._commit_rows(batch)
+        if pending.error is not None:
+            raise pending.error
+        return pending.outcome
 
-    def _record_instance(self, incoming: IncomingInstance, duplicates: str, late_instances: str) -> str:
+    def _commit_rows(self, batch: list[_PendingRow]) -> None:
+        """Commit a batch in one transaction; if that fails, row by row so one bad row fails alone."""
+        try:
+            self._record_batch(batch)
+        except Exception as error:
+            if len(batch) == 1:
+                batch[0].error = error
+                return
+            for pending in batch:
+                self._commit_rows([pending])
+
+    def _record_batch(self, batch: Sequence[_PendingRow]) -> None:
+        policies = {(pending.duplicates, pending.late_instances) for pending in batch}
+        for duplicates, late_instances in policies:
+            rows = [p for p in batch if (p.duplicates, p.late_instances) == (duplicates, late_instances)]
+            incoming = [p.incoming for p in rows]
+            try:
+                outcomes = self.record_instances(incoming, duplicates, late_instances)
+            except IntegrityError:
+                # Another process created the same instance or series at the same moment
+                # (PostgreSQL): the second attempt sees its rows.
+                outcomes = self.record_instances(incoming, duplicates, late_instances)
+            for pending, outcome in zip(rows, outcomes, strict=True):
+                pending.outcome = outcome
+
+    def record_instances(self, batch: Sequence[IncomingInstance], duplicates: str, late_instances: str) -> list[str]:
+        """Record instances already in the spool in one transaction; a RecordOutcome per instance.
+
+        A study that already completed is re-opened as a new version when late instances are
+        reprocessed; otherwise the instances are kept but the study stays complete. The receive
+        path's hot spot: prebuilt Core statements, one UPDATE per study and series in the batch.
+        """
         now = utcnow()
         with self.engine.begin() as connection:
-            existing_study = connection.execute(
-                select(Instance.study_uid).where(Instance.sop_instance_uid == incoming.sop_instance_uid)
-            ).scalar()
-            if existing_study is not None:
-                self._count(connection, "instances_duplicate")
-                if duplicates == "keep-first":
-                    # A re-send is activity: the study must not complete in the middle of it.
-                    connection.execute(
-                        update(Study)
-                        .where(Study.study_uid == existing_study, Study.state == StudyState.RECEIVING)
-                        .values(last_received_at=now)
+            known = dict(connection.execute(_KNOWN_INSTANCES, {"uids": [i.sop_instance_uid for i in batch]}).all())
+            outcomes: list[str] = []
+            new: list[IncomingInstance] = []
+            replacing: list[IncomingInstance] = []
+            resent_studies: set[str] = set()
+            for incoming in batch:
+                earlier_study = known.get(incoming.sop_instance_uid)
+                if earlier_study is None:
+                    known[incoming.sop_instance_uid] = incoming.study_uid
+                    new.append(incoming)
+                    outcomes.append(RecordOutcome.STORED)
+                elif duplicates == "keep-first":
+                    resent_studies.add(earlier_study)
+                    outcomes.append(RecordOutcome.DUPLICATE_KEPT)
+                else:
+                    replacing.append(incoming)
+                    outcomes.append(RecordOutcome.DUPLICATE_REPLACED)
+            if len(new) < len(batch):
+                self._count(connection, "instances_duplicate", len(batch) - len(new))
+            for study_uid in resent_studies:
+                # A re-send is activity: the study must not complete in the middle of it.
+                connection.execute(_TOUCH_RECEIVING_STUDY, {"b_study_uid": study_uid, "b_now": now, "b_added": 0})
+            added_per_study = collections.Counter(i.study_uid for i in new)
+            first_of_study = {i.study_uid: i for i in reversed([*new, *replacing])}
+            for study_uid, first in first_of_study.items():
+                self._touch_study(connection, first, now, late_instances, added=added_per_study[study_uid])
+            added_per_series = collections.Counter(i.series_uid for i in new)
+            first_of_series = {i.series_uid: i for i in reversed(new)}
+            for series_uid, first in first_of_series.items():
+                added = added_per_series[series_uid]
+                if not connection.execute(_COUNT_SERIES, {"b_series_uid": series_uid, "b_added": added}).rowcount:
+                    self._insert_ignore(
+                        connection,
+                        Series,
+                        dict(
+                            series_uid=series_uid,
+                            study_uid=first.study_uid,
+                            modality=first.modality,
+                            series_number=first.series_number,
+                            description=first.series_description,
+                            sop_class_uid=first.sop_class_uid,
+                            instance_count=added,
+                            header=first.header() if first.header else {},
+                        ),
                     )
-                    return RecordOutcome.DUPLICATE_KEPT
-                self._touch_study(connection, incoming, now, late_instances, added=0)
+            if new:
+                connection.execute(insert(Instance), [_instance_row(i, now) for i in new])
+            for incoming in replacing:
                 connection.execute(
-                    update(Instance)
-                    .where(Instance.sop_instance_uid == incoming.sop_instance_uid)
-                    .values(path=incoming.path, size_bytes=incoming.size_bytes, transfer_syntax_uid=incoming.transfer_syntax_uid, received_at=now)
+                    _REPLACE_INSTANCE,
+                    {
+                        "b_sop_instance_uid": incoming.sop_instance_uid,
+                        "b_path": incoming.path,
+                        "b_size_bytes": incoming.size_bytes,
+                        "b_transfer_syntax_uid": incoming.transfer_syntax_uid,
+                        "b_now": now,
+                    },
                 )
-                return RecordOutcome.DUPLICATE_REPLACED
-            self._touch_study(connection, incoming, now, late_instances, added=1)
-            counted = connection.execute(
-                update(Series).where(Series.series_uid == incoming.series_uid).values(instance_count=Series.instance_count + 1)
-            ).rowcount
-            if not counted:
-                self._insert_ignore(
-                    connection,
-                    Series,
-                    dict(
-                        series_uid=incoming.series_uid,
-                        study_uid=incoming.study_uid,
-                        modality=incoming.modality,
-                        series_number=incoming.series_number,
-                        description=incoming.series_description,
-                        sop_class_uid=incoming.sop_class_uid,
-                        instance_count=1,
-                        header=incoming.header() if incoming.header else {},
-                    ),
-                )
-            connection.execute(
-                insert(Instance).values(
-                    sop_instance_uid=incoming.sop_instance_uid,
-                    series_uid=incoming.series_uid,
-                    study_uid=incoming.study_uid,
-                    sop_class_uid=incoming.sop_class_uid,
-                    transfer_syntax_uid=incoming.transfer_syntax_uid,
-                    instance_number=incoming.instance_number,
-                    path=incoming.path,
-                    size_bytes=incoming.size_bytes,
-                    calling_ae_title=incoming.calling_ae_title,
-                    received_at=now,
-                )
-            )
-            return RecordOutcome.STORED
+            return outcomes
 
     def _touch_study(self, connection: Connection, incoming: IncomingInstance, now: datetime, late_instances: str, added: int) -> None:
-        """Note an arrival on the study, creating it or re-opening it when it had completed."""
-        values = dict(last_received_at=now, instance_count=Study.instance_count + added)
-        receiving = (Study.study_uid == incoming.study_uid) & (Study.state == StudyState.RECEIVING)
-        if connection.execute(update(Study).where(receiving).values(**values)).rowcount:
-            return  # the common case: one more instance for a study still arriving
+        """Note arrivals on the study, creating it or re-opening it when it had completed."""
+        parameters = {"b_study_uid": incoming.study_uid, "b_now": now, "b_added": added}
+        if connection.execute(_TOUCH_RECEIVING_STUDY, parameters).rowcount:
+            return  # the common case: more instances for a study still arriving
         self._insert_ignore(
             connection,
             Study,
@@ -250,12 +349,13 @@ class Store:
                 last_received_at=now,
             ),
         )
+        values = dict(last_received_at=now, instance_count=Study.instance_count + added)
         state = connection.execute(select(Study.state).where(Study.study_uid == incoming.study_uid)).scalar()
         if state == StudyState.COMPLETE:
             if late_instances == "reprocess":
                 values.update(state=StudyState.RECEIVING, version=Study.version + 1, completed_at=None)
             else:
-                self._count(connection, "instances_late_ignored")
+                self._count(connection, "instances_late_ignored", max(added, 1))
         connection.execute(update(Study).where(Study.study_uid == incoming.study_uid).values(**values))
 
     # -- completion and routing ----------------------------------------------------------------
