@@ -219,19 +219,17 @@ class Receiver:
 
     def handle_conn_open(self, event: evt.Event) -> None:
         """EVT_CONN_OPEN: swap in the rejecting ACSE for addresses outside the allowlist."""
-        host = event.address[0]
-        if not address_allowed(host, self.config.receiver.allowed_source_addresses):
+        if not address_allowed(event.address[0], self.config.receiver.allowed_source_addresses):
             event.assoc.acse = _SourceAddressRejectingACSE(event.assoc)
-            self.store.count("associations_rejected_address")
-            log_event(log, logging.WARNING, "association rejected: source address not allowed", address=host)
 
     def handle_rejected(self, event: evt.Event) -> None:
-        """EVT_REJECTED: count and log rejections (calling AE not allowed, too many associations)."""
-        self.store.count("associations_rejected")
+        """EVT_REJECTED: count and log each rejection once, by its cause."""
+        by_address = isinstance(event.assoc.acse, _SourceAddressRejectingACSE)
+        self.store.count("associations_rejected_address" if by_address else "associations_rejected")
         log_event(
             log,
             logging.WARNING,
-            "association rejected",
+            "association rejected: source address not allowed" if by_address else "association rejected",
             calling_ae=event.assoc.requestor.ae_title,
             address=event.assoc.requestor.address,
         )

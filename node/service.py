@@ -70,13 +70,31 @@ class Service:
         }
         self.store.beat(HEARTBEAT_NAME, os.getpid(), socket.gethostname(), self.started_at, detail)
 
+    def _take_back_claims(self) -> None:
+        """Make the work a killed predecessor had claimed claimable now, not when its leases run out.
+
+        Its workers and sender died with it, so jobs it left running and deliveries it left
+        sending would otherwise wait up to a lease (workers.lease_seconds, 30 min by default).
+        Nothing is taken back while another service on this database still beats.
+        """
+        previous = self.store.heartbeat(HEARTBEAT_NAME)
+        if previous is not None and _still_running(*previous):
+            pid, host, _ = previous
+            log_event(log, logging.WARNING, "another service shares this database; its claims are left to expire", pid=pid, host=host)
+            return
+        jobs, deliveries = self.store.expire_claims()
+        if jobs or deliveries:
+            log_event(log, logging.INFO, "took back work left claimed by the previous run", jobs=jobs, deliveries=deliveries)
+
     def run(self) -> None:
         """Run until SIGTERM/SIGINT."""
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: self.stop_event.set())
+        # Listening first: a second service on the same port fails here, before touching claims.
+        self.receiver.start()
+        self._take_back_claims()
         for index in range(self.config.workers.processes):
             self._start_worker(index)
-        self.receiver.start()
         self.sender.start()
         log_event(log, logging.INFO, "service started", pid=os.getpid(), workers=self.config.workers.processes)
         last_beat = 0.0
@@ -111,3 +129,18 @@ class Service:
         finally:
             self.store.dispose()
         log_event(log, logging.INFO, "service stopped")
+
+
+def _still_running(pid: int, host: str, beat_at: datetime) -> bool:
+    """Whether the service that wrote a heartbeat is alive: by its pid on this host, else by its age."""
+    if host != socket.gethostname():
+        return (utcnow() - beat_at).total_seconds() < 3 * HEARTBEAT_SECONDS
+    if pid == os.getpid():
+        return False  # a restart that got the same pid (e.g. in a container)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, under another user
+    return True

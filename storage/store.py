@@ -640,6 +640,26 @@ class Store:
         self._insert_ignore(executor, Counter, dict(name=name, value=0))
         executor.execute(update(Counter).where(Counter.name == name).values(value=Counter.value + amount))
 
+    def expire_claims(self) -> tuple[int, int]:
+        """End every job and delivery claim now, as if its lease had run out; returns (jobs, deliveries).
+
+        For a restarted service: the workers and the sender holding those claims died with the
+        previous process, so the usual claim rules may take the work over at once.
+        """
+        now = utcnow()
+        with self.session() as session, session.begin():
+            jobs = session.execute(update(Job).where(Job.state == JobState.RUNNING).values(lease_expires_at=now)).rowcount
+            deliveries = session.execute(
+                update(Delivery).where(Delivery.state == DeliveryState.SENDING).values(next_attempt_at=now)
+            ).rowcount
+        return jobs, deliveries
+
+    def heartbeat(self, name: str) -> tuple[int, str, datetime] | None:
+        """The last beat of ``name``: (pid, host, beat_at), or None."""
+        with self.session() as session:
+            row = session.get(Heartbeat, name)
+            return None if row is None else (row.pid, row.host, row.beat_at)
+
     def beat(self, name: str, pid: int, host: str, started_at: datetime, detail: dict[str, Any]) -> None:
         with self.session() as session, session.begin():
             self._insert_ignore(

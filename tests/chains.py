@@ -2,10 +2,14 @@
 
 It proves the plumbing (route → worker → spool → outbox → PACS) with a real DICOM object: a
 Secondary Capture (highdicom) of the middle slice of its input series. It fails on purpose
-when the study description asks it to, so failure handling is tested too.
+when the study description asks it to ("FAIL-CHAIN"), so failure handling is tested too, and
+takes its time when asked ("SLOW-CHAIN <seconds>"), so a job can be caught running.
 """
 
 from __future__ import annotations
+
+import re
+import time
 
 import highdicom as hd
 import numpy as np
@@ -24,8 +28,11 @@ class EchoChain:
         series = next(iter(inputs.series.values()))
         datasets = series.datasets()
         source = datasets[len(datasets) // 2]
-        if "FAIL-CHAIN" in str(source.get("StudyDescription", "")):
+        description = str(source.get("StudyDescription", ""))
+        if "FAIL-CHAIN" in description:
             raise RuntimeError("the test chain was asked to fail")
+        if slow := re.search(r"SLOW-CHAIN (\d+)", description):
+            time.sleep(int(slow.group(1)))
         pixels = source.pixel_array.astype(np.float32)
         scaled = (255 * (pixels - pixels.min()) / max(float(np.ptp(pixels)), 1.0)).astype(np.uint8)
         image = hd.sc.SCImage.from_ref_dataset(

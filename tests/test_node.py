@@ -93,6 +93,9 @@ def test_source_address_allowlist_rejects_at_association(tmp_path: Path) -> None
         )
         assert result.returncode != 0
         assert "Rejected Permanent" in result.stdout + result.stderr
+        counters = node.cli_json("status")["counters"]
+        assert counters["associations_rejected_address"] >= 1
+        assert "associations_rejected" not in counters, "counted once, under its cause"
     finally:
         node.stop()
 
@@ -182,6 +185,65 @@ def _acknowledged_files(storescu_verbose_output: str) -> list[Path]:
             acknowledged.append(current)
             current = None
     return acknowledged
+
+
+def test_restart_takes_over_a_job_the_killed_node_was_running(tmp_path: Path) -> None:
+    """kill -9 mid-job: after the restart the job runs again at once, not after its 30 min lease."""
+    files = make_mr_series(tmp_path / "study", 3)
+    for path in files:
+        ds = dcmread(path)
+        ds.StudyDescription = "SLOW-CHAIN 8"
+        ds.save_as(path, enforce_file_format=True)
+    overrides = {"chains": [TEST_CHAIN], "study": {"quiet_seconds": 1}, "workers": {"lease_seconds": 1800}}
+    node = Node(tmp_path / "node", overrides).start()
+    try:
+        assert run_storescu(files, node.port, NODE_AET).returncode == 0
+        _wait_job_state(node, "running")
+        node.kill()
+        (job,) = node.rows(Job)
+        assert job.state == "running" and job.attempts == 1
+
+        node.start()
+        (job,) = _wait_job_state(node, "done", timeout=60)
+        assert job.attempts == 2
+        assert "took back work left claimed by the previous run" in node.log_path.read_text()
+    finally:
+        node.kill()
+
+
+def test_restart_takes_over_a_delivery_the_killed_node_was_sending(tmp_path: Path) -> None:
+    """kill -9 mid-delivery: after the restart it is sent at once, not after its claim's lease."""
+    import socket
+
+    from tests.peers import StoreSCP, free_port
+
+    port = free_port()
+    # A destination that takes the connection and never answers: the delivery stays "sending".
+    black_hole = socket.create_server((LOOPBACK, port))
+    overrides = {
+        "peers": [{"name": "pacs", "ae_title": "STORESCP", "host": LOOPBACK, "port": port}],
+        "chains": [TEST_CHAIN],
+        "study": {"quiet_seconds": 1},
+        "dispatch": {"network_timeout_s": 30},  # a claim lasts 30 s x (batch + 2) = 26 min
+    }
+    node = Node(tmp_path / "node", overrides).start()
+    try:
+        assert run_storescu(make_mr_series(tmp_path / "study", 3), node.port, NODE_AET).returncode == 0
+        wait_for(lambda: [d for d in node.rows(Delivery) if d.state == "sending"] or None, timeout=60, what="delivery sending")
+        node.kill()
+        black_hole.close()
+        with StoreSCP(tmp_path, port=port) as pacs:
+            node.start()
+            (delivery,) = wait_for(
+                lambda: [d for d in node.rows(Delivery) if d.state == "done"] or None,
+                timeout=60,
+                what=f"delivery after the restart\n{node.output_tail()}",
+            )
+            assert len(pacs.received_files()) == 1
+            assert delivery.attempts == 1  # the interrupted try never finished, so it is not counted
+    finally:
+        node.kill()
+        black_hole.close()
 
 
 def test_destination_down_then_up_delivers_exactly_once(tmp_path: Path) -> None:
