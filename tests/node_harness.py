@@ -169,8 +169,12 @@ def make_mr_series(
     patient_id: str = "PID-4711",
     size: int = 64,
     series_number: int = 1,
+    study_description: str | None = None,
 ) -> list[Path]:
-    """Write a small coronal T1 TSE MR series (Siemens-style headers) and return its files."""
+    """Write a small coronal T1 TSE MR series (Siemens-style headers) and return its files.
+
+    ``study_description`` can steer the test chain ("FAIL-CHAIN", "SLOW-CHAIN <seconds>").
+    """
     folder.mkdir(parents=True, exist_ok=True)
     study_uid = study_uid or generate_uid()
     series_uid = generate_uid()
@@ -191,6 +195,8 @@ def make_mr_series(
         ds.PatientName = patient_name
         ds.PatientID = patient_id
         ds.PatientBirthDate = "19700101"
+        if study_description is not None:
+            ds.StudyDescription = study_description
         ds.PatientSex = "F"
         ds.StudyDate = "20261122"
         ds.StudyTime = "101500"

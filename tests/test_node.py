@@ -189,11 +189,7 @@ def _acknowledged_files(storescu_verbose_output: str) -> list[Path]:
 
 def test_restart_takes_over_a_job_the_killed_node_was_running(tmp_path: Path) -> None:
     """kill -9 mid-job: after the restart the job runs again at once, not after its 30 min lease."""
-    files = make_mr_series(tmp_path / "study", 3)
-    for path in files:
-        ds = dcmread(path)
-        ds.StudyDescription = "SLOW-CHAIN 8"
-        ds.save_as(path, enforce_file_format=True)
+    files = make_mr_series(tmp_path / "study", 3, study_description="SLOW-CHAIN 8")
     overrides = {"chains": [TEST_CHAIN], "study": {"quiet_seconds": 1}, "workers": {"lease_seconds": 1800}}
     node = Node(tmp_path / "node", overrides).start()
     try:

@@ -123,11 +123,7 @@ def test_below_free_space_reserve_answers_out_of_resources(tmp_path: Path) -> No
 
 
 def test_failing_chain_stays_failed_after_max_attempts_and_retry_requeues(tmp_path: Path) -> None:
-    files = make_mr_series(tmp_path / "t1", 3)
-    for path in files:
-        ds = dcmread(path)
-        ds.StudyDescription = "FAIL-CHAIN"
-        ds.save_as(path, enforce_file_format=True)
+    files = make_mr_series(tmp_path / "t1", 3, study_description="FAIL-CHAIN")
     overrides = {"chains": [TEST_CHAIN], "study": {"quiet_seconds": 1}, "workers": {"max_attempts": 2}}
     with Node(tmp_path / "node", overrides) as node:
         assert run_storescu(files, node.port, NODE_AET).returncode == 0
