@@ -245,7 +245,8 @@ class Store:
                 batch[0].error = error
                 return
             for pending in batch:
-                self._commit_rows([pending])
+                if not pending.finished:  # rows of another policy may have committed already
+                    self._commit_rows([pending])
 
     def _record_batch(self, batch: Sequence[_PendingRow]) -> None:
         policies = {(pending.duplicates, pending.late_instances) for pending in batch}
