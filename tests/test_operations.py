@@ -122,6 +122,24 @@ def test_below_free_space_reserve_answers_out_of_resources(tmp_path: Path) -> No
         assert "below the reserve" in node.cli("status").stdout
 
 
+def test_spool_write_error_answers_out_of_resources_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    files = make_mr_series(tmp_path / "t1", 3)
+    with Node(tmp_path / "node", {"study": {"quiet_seconds": 300}}) as node:
+        spool = node.workdir / "var" / "spool"
+        # A file where the study's folder must go: the write fails as a full or broken disk would.
+        blocker = spool / "incoming" / str(dcmread(files[0]).StudyInstanceUID)
+        blocker.write_bytes(b"")
+        result = run_storescu(files, node.port, NODE_AET, extra_args=["-v"])
+        assert "Received Store Response (Refused: OutOfResources)" in result.stdout + result.stderr, result.stderr
+        assert node.cli_json("studies") == []
+        assert list((spool / "tmp").iterdir()) == [], "no temporary file may be left behind"
+        assert "spool write failed" in node.log_path.read_text()
+
+        blocker.unlink()
+        assert run_storescu(files, node.port, NODE_AET).returncode == 0
+        assert node.cli_json("studies")[0]["instance_count"] == 3
+
+
 def test_failing_chain_stays_failed_after_max_attempts_and_retry_requeues(tmp_path: Path) -> None:
     files = make_mr_series(tmp_path / "t1", 3, study_description="FAIL-CHAIN")
     overrides = {"chains": [TEST_CHAIN], "study": {"quiet_seconds": 1}, "workers": {"max_attempts": 2}}
