@@ -135,8 +135,8 @@ def _check_structure(dataset: Dataset) -> None:
     """Raise if the dataset's structure cannot be parsed: an unknown VR or an undecodable sequence.
 
     Reading parses tags and lengths; pydicom converts values (and sequence items) only when they
-    are used. Converting every value here cost as much as the rest of the receive path, so only
-    what the structure needs is checked: VR codes, and the items of every sequence, recursively.
+    are used. Converting every value here cost 0.8 ms per 256x256 MR image (bench/README.md), so
+    only what the structure needs is checked: VR codes, and the items of every sequence, recursively.
     """
     for tag in dataset.keys():
         element = dataset.get_item(tag)  # raw: its value is not converted
