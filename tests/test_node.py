@@ -305,6 +305,19 @@ def test_malformed_input_gets_failure_status_and_node_keeps_serving(tmp_path: Pa
         assert node.cli_json("status")["counters"]["instances_rejected"] == 5
 
 
+def test_binary_value_of_the_wrong_length_is_refused(tmp_path: Path) -> None:
+    """Repetition Time re-labelled FD (8-byte floats) with 5 bytes: its value cannot be decoded."""
+    good = make_mr_series(tmp_path / "good", 1)
+    data = good[0].read_bytes()
+    at = data.index(b"\x18\x00\x80\x00DS")
+    length = int.from_bytes(data[at + 6 : at + 8], "little")
+    bad = tmp_path / "bad-length.dcm"
+    bad.write_bytes(data[: at + 4] + b"FD\x05\x0012345" + data[at + 8 + length :])
+    with Node(tmp_path / "node") as node:
+        assert _send_raw(node.port, [bad, good[0]]) == [0xC210, 0x0000]
+        assert [i.sop_instance_uid for i in node.rows(Instance)] == [str(dcmread(good[0]).SOPInstanceUID)]
+
+
 def _variant(template: Path, target: Path, change=lambda ds: None) -> Path:
     from pydicom.uid import generate_uid
 
