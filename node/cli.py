@@ -78,20 +78,28 @@ def _open_store(config: Config):
 # -- commands ----------------------------------------------------------------------------------
 
 
-def pack_problems(config: Config) -> list[str]:
-    """Each enabled chain's pack must exist, be meant for that chain and match its sha256."""
+def _enabled_chains_with_packs(config: Config) -> list:
+    return [chain for chain in config.chains if chain.enabled and chain.pack]
+
+
+def _pack_problem(folder: str) -> str | None:
+    """What is wrong with the pack in ``folder`` (missing, bad manifest, sha256 mismatch), or None."""
     from pipeline.packs import PackError, load_pack
 
-    problems = []
-    for chain in config.chains:
-        if not chain.enabled or not chain.pack:
-            continue
-        try:
-            pack = load_pack(chain.pack)
-            pack.verify()
-        except PackError as error:
-            problems.append(f"chains.{chain.name}.pack: {error}")
-    return problems
+    try:
+        load_pack(folder).verify()
+    except PackError as error:
+        return str(error)
+    return None
+
+
+def pack_problems(config: Config) -> list[str]:
+    """Each enabled chain's pack must exist, have a valid manifest and match its sha256."""
+    return [
+        f"chains.{chain.name}.pack: {problem}"
+        for chain in _enabled_chains_with_packs(config)
+        if (problem := _pack_problem(chain.pack))
+    ]
 
 
 def cmd_serve(args: argparse.Namespace, config: Config) -> int:
@@ -383,19 +391,13 @@ def cmd_packs_list(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_packs_verify(args: argparse.Namespace, config: Config | None) -> int:
-    from pipeline.packs import PackError, load_pack
-
     if args.paths:
-        problems = []
-        for path in args.paths:
-            try:
-                load_pack(path).verify()
-            except PackError as error:
-                problems.append(str(error))
+        checked = len(args.paths)
+        problems = [problem for path in args.paths if (problem := _pack_problem(path))]
     else:
         assert config is not None
+        checked = len(_enabled_chains_with_packs(config))
         problems = pack_problems(config)
-    checked = len(args.paths) if args.paths else len([c for c in (config.chains if config else []) if c.enabled and c.pack])
     if args.json:
         _print_json({"checked": checked, "problems": problems})
     else:
