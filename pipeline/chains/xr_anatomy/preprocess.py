@@ -25,43 +25,22 @@ from monai.transforms import (
     ScaleIntensity,
 )
 from pydicom import Dataset
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.pixels import apply_modality_lut
 from scipy import ndimage
 from skimage import exposure
+
+from pipeline.encode.render import source_frame, voi_grayscale
 
 GRAY_LEVELS = 256  # the published models saw 8-bit images
 
 
-def _first(value: object) -> float:
-    """The first of a possibly multi-valued DS (several windows: the first, as viewers use)."""
-    return float(value[0]) if isinstance(value, Sequence) and not isinstance(value, str) else float(value)
-
-
 def radiograph_gray(dataset: Dataset) -> np.ndarray:
-    """The radiograph as displayed, float32 in [0, 1] on 256 levels (rows × columns).
-
-    VOI: the image's first window (DICOM's linear function, PS3.3 C.11.2.1.2.1, written out
-    because pydicom's general apply_voi_lut takes ~0.3 s on a radiograph) or, for a VOI LUT
-    sequence or a non-linear window function, pydicom's apply_voi_lut; without either, the
-    1st-99th percentile range, so a raw detector image still fills the grey scale.
-    """
-    pixels = dataset.pixel_array
-    if pixels.ndim == 3:  # multi-frame or colour: the first frame's luminance
-        pixels = pixels[0] if int(dataset.get("SamplesPerPixel", 1)) == 1 else pixels.mean(axis=-1)
+    """The radiograph as displayed (pipeline.encode.render's VOI), float32 in [0, 1] on 256 levels."""
+    pixels = source_frame(dataset, None)  # multi-frame: the first frame; colour: its luminance
+    if pixels is None:
+        raise ValueError("the radiograph has no pixel data")
     values = np.asarray(apply_modality_lut(pixels, dataset), dtype=np.float32)
-    linear = str(dataset.get("VOILUTFunction", "LINEAR") or "LINEAR").upper() == "LINEAR"
-    if "WindowCenter" in dataset and "WindowWidth" in dataset and linear and "VOILUTSequence" not in dataset:
-        center, width = _first(dataset.WindowCenter), _first(dataset.WindowWidth)
-        gray = np.clip((values - (center - 0.5)) / max(width - 1.0, 1.0) + 0.5, 0.0, 1.0)
-    else:
-        if "WindowCenter" in dataset or "VOILUTSequence" in dataset:
-            values = np.asarray(apply_voi_lut(values, dataset, index=0), dtype=np.float32)
-            low, high = float(values.min()), float(values.max())
-        else:
-            low, high = np.percentile(values[::4, ::4], [1.0, 99.0])
-        gray = np.clip((values - low) / max(high - low, 1e-9), 0.0, 1.0)
-    if dataset.get("PhotometricInterpretation") == "MONOCHROME1":
-        gray = 1.0 - gray
+    gray = voi_grayscale(values, dataset)
     return (np.round(gray * (GRAY_LEVELS - 1)) / (GRAY_LEVELS - 1)).astype(np.float32)
 
 
