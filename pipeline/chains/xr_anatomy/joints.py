@@ -60,10 +60,6 @@ class Box:
     def slices(self) -> tuple[slice, slice]:
         return slice(self.r0, self.r1), slice(self.c0, self.c1)
 
-    @property
-    def center(self) -> tuple[float, float]:
-        return (self.r0 + self.r1 - 1) / 2, (self.c0 + self.c1 - 1) / 2
-
     def as_list(self) -> list[int]:
         return [self.r0, self.c0, self.r1, self.c1]
 
