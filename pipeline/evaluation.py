@@ -13,6 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+#: bootstrap resamples behind every confidence interval in the evaluation reports
+BOOTSTRAP_RESAMPLES = 2000
+
 
 def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """False-positive rates, true-positive rates and thresholds, from the strictest threshold to the loosest."""
@@ -79,7 +82,7 @@ def evaluate_binary(
     labels: Sequence[int] | np.ndarray,
     scores: Sequence[float] | np.ndarray,
     threshold: float,
-    n_bootstrap: int = 2000,
+    n_bootstrap: int = BOOTSTRAP_RESAMPLES,
     seed: int = 0,
 ) -> dict[str, Estimate]:
     """Every metric at ``threshold`` plus AUC, each with a percentile bootstrap 95 % CI (patients resampled)."""

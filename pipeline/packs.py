@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 MANIFEST = "manifest.yaml"
 WEIGHTS = "weights.safetensors"
+#: the ``evaluation`` key of the summary ``sijnode evaluate`` writes for held-out data
+HELD_OUT = "held_out"
 
 
 class PackError(Exception):
@@ -131,8 +133,23 @@ def write_pack(folder: Path | str, manifest: Mapping[str, Any], state_dict: Mapp
     save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(weights))
     data = dict(manifest)
     data["weights"] = {"file": WEIGHTS, "sha256": sha256_of(weights)}
+    return _write_manifest(folder, data)
+
+
+def update_evaluation(pack: ModelPack, key: str, summary: Mapping[str, Any]) -> ModelPack:
+    """Put ``summary`` under ``evaluation[key]`` in the pack's manifest; returns the re-read, verified pack.
+
+    Only the manifest is rewritten: the weights, and so their sha256, are untouched.
+    """
+    data = yaml.safe_load((pack.folder / MANIFEST).read_text(encoding="utf-8"))
+    data.setdefault("evaluation", {})[key] = dict(summary)
+    return _write_manifest(pack.folder, data)
+
+
+def _write_manifest(folder: Path, data: Mapping[str, Any]) -> ModelPack:
+    """Validate ``data`` and write it as the folder's manifest; returns the re-read, verified pack."""
     Manifest.model_validate(data)  # fail before writing an invalid manifest
-    (folder / MANIFEST).write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    (folder / MANIFEST).write_text(yaml.safe_dump(dict(data), sort_keys=False, allow_unicode=True), encoding="utf-8")
     pack = load_pack(folder)
     pack.verify()
     return pack

@@ -2,16 +2,25 @@
 
 Each chain's module provides ``train(data, out, *, epochs, seed, progress) -> ModelPack`` and
 ``evaluate(pack, data, out) -> dict``; this registry finds it by chain name without importing
-torch until a command needs it.
+torch until a command needs it. The helpers every trainer shares (the patient-wise split, the
+parameter count) live here too.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
 
 from pipeline.packs import ModelPack, load_pack
+
+if TYPE_CHECKING:
+    from torch import nn
+
+T = TypeVar("T")
 
 TRAINERS = {
     "t2fs-mil": "pipeline.chains.t2fs_mil.train",
@@ -35,3 +44,43 @@ def evaluate_pack(pack_dir: Path, data: Path, out: Path | None = None) -> dict[s
     pack = load_pack(pack_dir)
     pack.verify()
     return _module(pack.manifest.chain).evaluate(pack, Path(data), Path(out) if out else pack.folder)
+
+
+def split_by_patient(
+    items: Sequence[T],
+    validation_fraction: float,
+    seed: int,
+    *,
+    patient: Callable[[T], str],
+    label: Callable[[T], bool],
+) -> tuple[list[T], list[T]]:
+    """Seeded patient-wise split into (training, validation), stratified by label; each keeps the items' order.
+
+    All items of a patient go to the same side, so no patient is in both; a patient counts as
+    positive when any of its items is. With two or more patients of a label, each side gets one.
+    """
+    if not 0.0 < validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
+    positive: dict[str, bool] = {}
+    for item in items:
+        key = patient(item)
+        positive[key] = positive.get(key, False) or bool(label(item))
+    rng = np.random.default_rng(seed)
+    validation_ids: set[str] = set()
+    for wanted in (False, True):
+        ids = sorted(pid for pid, is_positive in positive.items() if is_positive == wanted)
+        rng.shuffle(ids)
+        take = round(validation_fraction * len(ids))
+        if len(ids) >= 2:
+            take = min(max(take, 1), len(ids) - 1)
+        validation_ids.update(ids[:take])
+    train = [item for item in items if patient(item) not in validation_ids]
+    validation = [item for item in items if patient(item) in validation_ids]
+    if not train or not validation:
+        raise ValueError(f"{len(items)} studies cannot be split into training and validation; give more studies")
+    return train, validation
+
+
+def count_parameters(module: nn.Module) -> int:
+    """The number of weights in ``module`` (trainable or not)."""
+    return sum(parameter.numel() for parameter in module.parameters())

@@ -11,8 +11,21 @@ import pytest
 import torch
 import yaml
 
-from pipeline.evaluation import auc, evaluate_binary, plot_roc, roc_curve, threshold_metrics
-from pipeline.packs import PackError, load_pack, write_pack
+from pipeline.evaluation import (
+    auc,
+    evaluate_binary,
+    plot_roc,
+    roc_curve,
+    threshold_metrics,
+)
+from pipeline.packs import (
+    HELD_OUT,
+    PackError,
+    load_pack,
+    sha256_of,
+    update_evaluation,
+    write_pack,
+)
 from tests.node_harness import REPO
 
 MANIFEST = {
@@ -28,17 +41,31 @@ MANIFEST = {
 }
 
 
-def _pack(folder: Path):
-    return write_pack(folder, MANIFEST, torch.nn.Linear(3, 1).state_dict())
+def _pack(folder: Path, state_dict: dict[str, torch.Tensor] | None = None):
+    return write_pack(folder, MANIFEST, torch.nn.Linear(3, 1).state_dict() if state_dict is None else state_dict)
 
 
 def test_written_pack_loads_and_verifies(tmp_path: Path) -> None:
-    pack = _pack(tmp_path / "pack")
+    written = torch.nn.Linear(3, 1).state_dict()
+    pack = _pack(tmp_path / "pack", written)
     loaded = load_pack(tmp_path / "pack", chain="toy")
     assert loaded.manifest.weights.sha256 == pack.manifest.weights.sha256
+    assert loaded.manifest.weights.sha256 == sha256_of(loaded.weights_path)
     state = loaded.load_state_dict()
     assert set(state) == {"weight", "bias"} and state["weight"].shape == (1, 3)
+    assert all(torch.equal(state[name], written[name]) for name in written)
     assert loaded.manifest.output("p").threshold == 0.5
+
+
+def test_update_evaluation_rewrites_the_manifest_only(tmp_path: Path) -> None:
+    pack = _pack(tmp_path / "pack")
+    weights = pack.weights_path.read_bytes()
+    updated = update_evaluation(pack, HELD_OUT, {"studies": 4, "auc": 0.75})
+    assert load_pack(pack.folder).manifest.evaluation == {HELD_OUT: {"studies": 4, "auc": 0.75}}
+    assert updated.manifest.weights.sha256 == pack.manifest.weights.sha256
+    assert pack.weights_path.read_bytes() == weights
+    update_evaluation(updated, "validation", {"n": 2})  # other keys are kept
+    assert set(load_pack(pack.folder).manifest.evaluation) == {HELD_OUT, "validation"}
 
 
 def test_tampered_missing_or_foreign_pack_is_a_clear_error(tmp_path: Path) -> None:

@@ -16,20 +16,20 @@ from pydicom.uid import MRImageStorage, generate_uid
 
 from pipeline.chains import RuntimeSettings, SeriesInput, StudyInputs
 from pipeline.chains.t2fs_mil.chain import T2FSMILChain
-from pipeline.chains.t2fs_mil.data import find_cases, split_by_patient
+from pipeline.chains.t2fs_mil.data import Case, find_cases
 from pipeline.chains.t2fs_mil.inference import GradCAMExplainer, load_model, predict
 from pipeline.chains.t2fs_mil.model import (
     SEED_HYPERPARAMETERS,
     GatedAttention,
     build_model,
-    count_parameters,
 )
 from pipeline.chains.t2fs_mil.preprocess import order_slices, preprocess_series
-from pipeline.chains.t2fs_mil.train import Recipe, evaluate, train
+from pipeline.chains.t2fs_mil.train import DEMO_HYPERPARAMETERS, Recipe, evaluate, train
 from pipeline.packs import PackError, load_pack
 from pipeline.phantom import generate_study, write_study
 from pipeline.results import ChainResult, Laterality, MapMeaning, Site
 from pipeline.route import ChainSpec
+from pipeline.training import count_parameters, split_by_patient
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_PACK = REPO / "packs" / "t2fs-mil-demo"
@@ -134,8 +134,7 @@ def test_gated_attention_is_softmax_of_w_tanh_v_times_sigmoid_u() -> None:
 
 def test_tta_averages_the_probabilities_of_the_bag_and_its_mirror_image(phantoms: dict[str, Phantom]) -> None:
     model = load_model(load_pack(DEMO_PACK))
-    input_size = int(load_pack(DEMO_PACK).manifest.architecture.hyperparameters["input_size"])
-    _, bag = preprocess_series([_read(p) for p in phantoms["edema"].files], input_size)
+    _, bag = preprocess_series([_read(p) for p in phantoms["edema"].files], model.hyperparameters.input_size)
     with torch.no_grad():
         original = float(torch.sigmoid(model.forward_bag(bag).logit))
         mirrored = float(torch.sigmoid(model.forward_bag(bag[..., torch.arange(bag.shape[-1] - 1, -1, -1)]).logit))
@@ -204,6 +203,7 @@ def test_demo_pack_is_a_small_declared_demonstration() -> None:
     assert "not for diagnosis" in manifest.intended_use and "phantom" in manifest.training_data
     assert sum(f.stat().st_size for f in DEMO_PACK.iterdir()) < 25 * 2**20
     assert manifest.architecture.hyperparameters["encoder"] == "resnet18"
+    assert manifest.architecture.hyperparameters == DEMO_HYPERPARAMETERS
     assert manifest.output("active_sacroiliitis").concept == "active sacroiliitis"
     held_out = manifest.evaluation["held_out"]
     assert set(held_out["with TTA"]) >= {"accuracy", "sensitivity", "specificity", "f1", "auc"}
@@ -301,6 +301,22 @@ def test_tta_and_top_k_are_options(phantoms: dict[str, Phantom]) -> None:
         T2FSMILChain(chain_spec(DEMO_PACK, flip=True), RuntimeSettings())
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"tta": "yes"}, "option tta must be of type bool"),
+        ({"top_k": 1.5}, "option top_k must be of type int"),
+        ({"top_k": True}, "option top_k must be of type int"),
+        ({"top_k": -1}, "option top_k must be at least 0"),
+        ({"batch_slices": 0}, "option batch_slices must be at least 1"),
+        ({"parametric_maps": 1}, "option parametric_maps must be of type bool"),
+    ],
+)
+def test_options_of_the_wrong_type_or_range_are_refused(options: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        T2FSMILChain(chain_spec(DEMO_PACK, **options), RuntimeSettings())
+
+
 def test_a_pack_whose_weights_do_not_match_its_sha256_is_refused(tmp_path: Path) -> None:
     broken = tmp_path / "pack"
     shutil.copytree(DEMO_PACK, broken)
@@ -342,11 +358,36 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory, phantoms: dict[str, Phan
     yield data
 
 
+def _split(cases: list[Case], validation_fraction: float, seed: int) -> tuple[list[Case], list[Case]]:
+    """``split_by_patient`` as training splits cases."""
+    return split_by_patient(cases, validation_fraction, seed, patient=lambda case: case.patient_id, label=lambda case: case.label)
+
+
 def test_split_is_patient_wise_and_keeps_both_labels(tiny_data: Path) -> None:
     cases = find_cases(tiny_data)
-    training, validation = split_by_patient(cases, 0.5, seed=0)
+    training, validation = _split(cases, 0.5, seed=0)
     assert not {c.patient_id for c in training} & {c.patient_id for c in validation}
     assert {c.label for c in training} == {c.label for c in validation} == {False, True}
+
+
+def _case(study: str, patient_id: str, label: bool) -> Case:
+    folder = Path("/nowhere") / study  # the split reads no files
+    return Case(folder, study, patient_id, 0, label, label, "test", folder / "t2fs")
+
+
+def test_studies_of_one_patient_stay_on_one_side_of_the_split() -> None:
+    # PAT-0 has a study with active inflammation and one without; eight more patients, one study each
+    shared = [_case("S-0a", "PAT-0", True), _case("S-0b", "PAT-0", False)]
+    cases = shared + [_case(f"S-{i}", f"PAT-{i}", i % 2 == 0) for i in range(1, 9)]
+    sides = []
+    for seed in range(20):
+        training, validation = _split(cases, 0.25, seed)
+        assert sorted(c.study for c in training + validation) == sorted(c.study for c in cases)
+        assert not {c.patient_id for c in training} & {c.patient_id for c in validation}
+        in_validation = [case in validation for case in shared]
+        assert in_validation[0] == in_validation[1], (seed, in_validation)
+        sides.append(in_validation[0])
+    assert any(sides) and not all(sides), "PAT-0 should land on each side for some seed"
 
 
 def test_a_tiny_training_run_writes_a_pack_the_chain_loads(tiny_data: Path, tmp_path: Path, phantoms: dict[str, Phantom]) -> None:

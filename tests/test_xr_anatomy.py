@@ -24,6 +24,7 @@ from pipeline.chains.xr_anatomy.chain import (
     HIGH_CONFIDENCE_NOTE,
     XRAnatomyChain,
 )
+from pipeline.chains.xr_anatomy.data import PhantomRadiograph
 from pipeline.chains.xr_anatomy.importer import (
     WeightsImportError,
     classifier_state_dict,
@@ -45,7 +46,6 @@ from pipeline.chains.xr_anatomy.model import (
     build_classifier,
     build_segmenter,
     load_networks,
-    parameter_count,
 )
 from pipeline.chains.xr_anatomy.preprocess import (
     ClassificationSettings,
@@ -56,10 +56,12 @@ from pipeline.chains.xr_anatomy.preprocess import (
     radiograph_gray,
     segmenter_input,
 )
+from pipeline.chains.xr_anatomy.train import split
 from pipeline.packs import load_pack
 from pipeline.phantom import generate_study, write_study
 from pipeline.results import ChainResult, Laterality, MapMeaning, Site
 from pipeline.route import ChainSpec
+from pipeline.training import count_parameters
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_PACK = REPO / "packs" / "xr-anatomy-demo"
@@ -167,7 +169,7 @@ def lightning_checkpoint(model: nn.Module) -> dict:
 def test_published_segmenter_is_the_monai_unet_of_the_paper() -> None:
     unet = build_segmenter(PUBLISHED_HYPERPARAMETERS["segmenter"])
     reference = UNet(spatial_dims=2, in_channels=1, out_channels=4, channels=(64, 128, 256, 512), strides=(2, 2, 2), num_res_units=3)
-    assert parameter_count(unet) == parameter_count(reference) == 9_541_545
+    assert count_parameters(unet) == count_parameters(reference) == 9_541_545
     assert {k: v.shape for k, v in unet.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
     with torch.no_grad():
         assert unet.eval()(torch.zeros(1, 1, 64, 64)).shape == (1, 4, 64, 64)
@@ -178,7 +180,7 @@ def test_published_classifier_is_resnet50_with_the_published_head() -> None:
     reference = TorchvisionResNet50()
     assert list(reference.state_dict()) == torchvision_keys()
     assert {k: v.shape for k, v in resnet.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
-    assert parameter_count(resnet) == parameter_count(reference) == 25_604_034
+    assert count_parameters(resnet) == count_parameters(reference) == 25_604_034
     assert resnet.conv1.weight.shape == (64, 1, 7, 7) and resnet.conv1.stride == (2, 2)
     assert all(m[0].bias is None for m in (resnet.layer1[0].downsample, resnet.layer4[0].downsample))
     assert [type(m) for m in resnet.fc] == [nn.Linear, nn.ReLU, nn.BatchNorm1d, nn.Dropout, nn.Linear]
@@ -457,7 +459,28 @@ def test_demo_pack_is_a_small_declared_demonstration() -> None:
     assert pack.weights_path.stat().st_size < 25 * 1024 * 1024
     assert pack.manifest.output("radiographic_sacroiliitis").threshold == 0.59
     assert "demonstration" in pack.manifest.architecture.name
-    assert pack.manifest.evaluation["heldout"]["auc"]["value"] > 0.5
+    assert pack.manifest.evaluation["held_out"]["auc"]["value"] > 0.5
+
+
+def test_unknown_or_mistyped_options_are_refused() -> None:
+    def spec(**options: object) -> ChainSpec:
+        return ChainSpec(name="xr-anatomy", implementation=IMPLEMENTATION, pack=str(DEMO_PACK), requires=[{"role": "XR"}], options=options)
+
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['flip'\]"):
+        XRAnatomyChain(spec(flip=True), RuntimeSettings())
+    with pytest.raises(ValueError, match="option sw_batch_size must be of type int"):
+        XRAnatomyChain(spec(sw_batch_size="4"), RuntimeSettings())
+    with pytest.raises(ValueError, match="option sw_batch_size must be at least 1"):
+        XRAnatomyChain(spec(sw_batch_size=0), RuntimeSettings())
+
+
+def test_training_split_keeps_a_patients_studies_together() -> None:
+    studies = [PhantomRadiograph(Path(f"/nowhere/S-{i}"), Path(f"/nowhere/S-{i}/1.dcm"), i % 2 == 0, (0, 0)) for i in range(12)]
+    truths = [{"patient_id": "PAT-0" if i < 2 else f"PAT-{i}"} for i in range(12)]  # studies 0 and 1: one patient
+    for seed in range(10):
+        train_idx, val_idx = split(studies, truths, seed)
+        assert sorted(train_idx + val_idx) == list(range(12))
+        assert (0 in val_idx) == (1 in val_idx), seed
 
 
 def test_demo_pack_tells_radiographic_sacroiliitis_from_a_healthy_pelvis(results: dict[str, ChainResult], phantoms: dict[str, Phantom]) -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any, ClassVar
 
 from pydicom import Dataset
 
@@ -13,6 +14,9 @@ from pipeline.chains import RuntimeSettings, StudyInputs
 from pipeline.packs import ModelPack, load_pack
 from pipeline.results import ChainResult, Provenance
 from pipeline.route import ChainSpec
+
+#: options every model chain takes (config.yaml ``chains[].options``), with their defaults
+COMMON_OPTIONS: dict[str, Any] = {"parametric_maps": False}  # also encode the maps as Parametric Maps
 
 
 def select_device(requested: str) -> str:
@@ -26,11 +30,40 @@ def select_device(requested: str) -> str:
     return requested
 
 
+def _fits(value: object, default: object) -> bool:
+    """Whether an option's value has its default's type (an int fits a float; a bool fits only a bool)."""
+    if isinstance(value, bool) or isinstance(default, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(default))
+
+
+def merge_options(
+    chain: str, options: Mapping[str, Any], defaults: Mapping[str, Any], minimums: Mapping[str, float]
+) -> dict[str, Any]:
+    """``options`` over ``defaults``; a ValueError names any unknown option, or one of the wrong type or too small."""
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise ValueError(f"chain {chain}: unknown option(s) {unknown}; known: {sorted(defaults)}")
+    settings = {**defaults, **options}
+    for key, value in options.items():
+        if not _fits(value, defaults[key]):
+            raise ValueError(f"chain {chain}: option {key} must be of type {type(defaults[key]).__name__}, got {value!r}")
+        if key in minimums and value < minimums[key]:
+            raise ValueError(f"chain {chain}: option {key} must be at least {minimums[key]}, got {value!r}")
+    return settings
+
+
 class ModelChain(ABC):
     """A chain with a model pack. Subclasses implement ``build`` and ``run``."""
 
     #: the chain name packs must declare in their manifest
     chain_name: str
+    #: the chain's own options and their defaults (besides COMMON_OPTIONS)
+    option_defaults: ClassVar[Mapping[str, Any]] = {}
+    #: lower bounds of numeric options
+    option_minimums: ClassVar[Mapping[str, float]] = {}
 
     def __init__(self, spec: ChainSpec, runtime: RuntimeSettings) -> None:
         import torch
@@ -38,7 +71,8 @@ class ModelChain(ABC):
         if not spec.pack:
             raise ValueError(f"chain {spec.name} needs a model pack (chains[].pack in config.yaml)")
         self.name = spec.name
-        self.options = dict(spec.options)
+        # checked before the weights are loaded: a typo in config.yaml fails fast
+        self.settings = merge_options(spec.name, spec.options, {**COMMON_OPTIONS, **self.option_defaults}, self.option_minimums)
         self.pack: ModelPack = load_pack(spec.pack, chain=self.chain_name)
         self.device = select_device(runtime.device)
         torch.set_num_threads(runtime.torch_threads)
@@ -59,7 +93,7 @@ class ModelChain(ABC):
         self.timings = {}
         result = self.run(inputs)
         with self.timed("encode"):
-            return encode_result(result, parametric_maps=bool(self.options.get("parametric_maps", False)))
+            return encode_result(result, parametric_maps=self.settings["parametric_maps"])
 
     def provenance(self, **parameters: object) -> Provenance:
         manifest = self.pack.manifest

@@ -12,11 +12,14 @@ Options (config.yaml ``chains[].options``):
   0 turns Grad-CAM off;
 * ``batch_slices`` (default 16): slices encoded at a time (memory versus speed);
 * ``parametric_maps`` (default false): also encode the maps as Parametric Maps (ModelChain).
+
+``ModelChain`` refuses unknown options and values of the wrong type or out of range.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -25,7 +28,6 @@ from pipeline.chains.base import ModelChain
 from pipeline.chains.t2fs_mil.inference import (
     OUTPUT,
     GradCAMExplainer,
-    check_manifest,
     load_model,
     predict,
     to_source_grid,
@@ -42,7 +44,6 @@ from pipeline.results import (
     Site,
 )
 
-OPTIONS: dict[str, Any] = {"tta": True, "top_k": 3, "batch_slices": 16, "parametric_maps": False}
 INPUT_KEY = "t2fs"
 
 BILATERAL_NOTE = (
@@ -53,20 +54,12 @@ BILATERAL_NOTE = (
 
 class T2FSMILChain(ModelChain):
     chain_name = "t2fs-mil"
+    option_defaults: ClassVar[Mapping[str, Any]] = {"tta": True, "top_k": 3, "batch_slices": 16}
+    option_minimums: ClassVar[Mapping[str, float]] = {"top_k": 0, "batch_slices": 1}
 
     def build(self, state_dict: dict) -> None:
-        unknown = sorted(set(self.options) - set(OPTIONS))
-        if unknown:
-            raise ValueError(f"chain {self.name}: unknown option(s) {unknown}; known: {sorted(OPTIONS)}")
-        self.settings = {**OPTIONS, **self.options}
-        if not isinstance(self.settings["tta"], bool):
-            raise TypeError(f"chain {self.name}: option tta must be true or false, got {self.settings['tta']!r}")
-        for key in ("top_k", "batch_slices"):
-            value = self.settings[key]
-            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "top_k" else 1):
-                raise ValueError(f"chain {self.name}: option {key} must be a {'non-negative' if key == 'top_k' else 'positive'} integer, got {value!r}")
-        self.hyperparameters = check_manifest(self.pack)
-        self.model = load_model(self.pack, state_dict).to(self.device)
+        self.model = load_model(self.pack, state_dict).to(self.device)  # checks the manifest too
+        self.hyperparameters = self.model.hyperparameters
         self.explainer = GradCAMExplainer(self.model) if self.settings["top_k"] > 0 else None
         self.output = self.pack.manifest.output(OUTPUT)
 

@@ -3,7 +3,8 @@
 A folder written by ``sijnode phantom`` holds one sub-folder per study with the DICOM series
 and ``ground_truth.json``. The label for this chain is the study's ``active_inflammation``
 (any bone marrow edema; see :mod:`pipeline.phantom.labels`). Each study is one patient, so a
-split by study is a split by patient; splits group by PatientID all the same.
+split by study is a split by patient; splits (:func:`pipeline.training.split_by_patient`) group
+by PatientID all the same.
 """
 
 from __future__ import annotations
@@ -127,29 +128,6 @@ def find_cases(data: Path) -> list[Case]:
     if not folders:
         raise FileNotFoundError(f"{data}: no phantom studies ({GROUND_TRUTH} in sub-folders); write some with sijnode phantom")
     return [read_case(folder) for folder in folders]
-
-
-def split_by_patient(cases: Sequence[Case], validation_fraction: float, seed: int) -> tuple[list[Case], list[Case]]:
-    """Patient-wise split, stratified by label: no patient is in both parts."""
-    if not 0.0 < validation_fraction < 1.0:
-        raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
-    patients: dict[str, list[Case]] = {}
-    for case in cases:
-        patients.setdefault(case.patient_id, []).append(case)
-    rng = np.random.default_rng(seed)
-    validation_ids: set[str] = set()
-    for label in (False, True):
-        ids = sorted(pid for pid, group in patients.items() if any(c.label for c in group) == label)
-        rng.shuffle(ids)
-        take = round(validation_fraction * len(ids))
-        if len(ids) >= 2:
-            take = min(max(take, 1), len(ids) - 1)
-        validation_ids.update(ids[:take])
-    train = [c for c in cases if c.patient_id not in validation_ids]
-    validation = [c for c in cases if c.patient_id in validation_ids]
-    if not train or not validation:
-        raise ValueError(f"{len(cases)} studies cannot be split into training and validation; give more studies")
-    return train, validation
 
 
 def describe(cases: Sequence[Case]) -> dict:

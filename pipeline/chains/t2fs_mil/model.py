@@ -21,20 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
-#: the seed paper's architecture, as manifest hyperparameters
-SEED_HYPERPARAMETERS: dict[str, Any] = {
-    "encoder": "resnet18",
-    "widen_factor": 1.0,
-    "in_channels": 1,
-    "input_size": 224,
-    "conv1_stride": 2,
-    "attention_dim": 128,
-}
-
 
 @dataclass(frozen=True)
 class Hyperparameters:
-    """What ``build_model`` needs; read from the pack manifest's architecture hyperparameters."""
+    """What ``build_model`` needs; read from the pack manifest's architecture hyperparameters.
+
+    The defaults are the seed paper's architecture (:data:`SEED_HYPERPARAMETERS`).
+    """
 
     encoder: str = "resnet18"
     widen_factor: float = 1.0
@@ -58,6 +51,10 @@ class Hyperparameters:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+#: the seed paper's architecture, as manifest hyperparameters
+SEED_HYPERPARAMETERS: dict[str, Any] = Hyperparameters().as_dict()
 
 
 class GatedAttention(nn.Module):
@@ -162,7 +159,3 @@ def build_model(hyperparameters: Mapping[str, Any] | Hyperparameters) -> T2FSMIL
     if not isinstance(hyperparameters, Hyperparameters):
         hyperparameters = Hyperparameters.from_mapping(hyperparameters)
     return T2FSMIL(hyperparameters)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(parameter.numel() for parameter in model.parameters())

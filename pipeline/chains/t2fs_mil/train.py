@@ -41,7 +41,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
 from pipeline.chains.t2fs_mil.data import (
@@ -49,7 +48,6 @@ from pipeline.chains.t2fs_mil.data import (
     describe,
     describe_seeds,
     find_cases,
-    split_by_patient,
 )
 from pipeline.chains.t2fs_mil.inference import (
     OUTPUT,
@@ -58,25 +56,20 @@ from pipeline.chains.t2fs_mil.inference import (
     predict,
 )
 from pipeline.chains.t2fs_mil.model import (
+    SEED_HYPERPARAMETERS,
     T2FSMIL,
     Hyperparameters,
     build_model,
-    count_parameters,
 )
 from pipeline.chains.t2fs_mil.preprocess import PREPROCESSING
-from pipeline.evaluation import auc, evaluate_binary, plot_roc
-from pipeline.packs import MANIFEST, Manifest, ModelPack, load_pack, write_pack
+from pipeline.evaluation import BOOTSTRAP_RESAMPLES, auc, evaluate_binary, plot_roc
+from pipeline.packs import HELD_OUT, ModelPack, update_evaluation, write_pack
+from pipeline.training import count_parameters, split_by_patient
 
 CHAIN = "t2fs-mil"
 PACK_VERSION = "0.1.0"
-DEMO_HYPERPARAMETERS: dict[str, Any] = {
-    "encoder": "resnet18",
-    "widen_factor": 0.25,
-    "in_channels": 1,
-    "input_size": 128,
-    "conv1_stride": 2,
-    "attention_dim": 128,
-}
+#: the seed's architecture at a quarter of its width, on 128-pixel slices: trains on a CPU
+DEMO_HYPERPARAMETERS: dict[str, Any] = {**SEED_HYPERPARAMETERS, "widen_factor": 0.25, "input_size": 128}
 DEFAULT_EPOCHS = 3
 THRESHOLD = 0.5
 METRICS = ("accuracy", "sensitivity", "specificity", "f1", "auc")
@@ -328,7 +321,9 @@ def train(
     parameters = Hyperparameters.from_mapping(dict(hyperparameters or DEMO_HYPERPARAMETERS))
     seed_everything(seed)
     cases = find_cases(data)
-    train_cases, validation_cases = split_by_patient(cases, recipe.validation_fraction, seed)
+    train_cases, validation_cases = split_by_patient(
+        cases, recipe.validation_fraction, seed, patient=lambda case: case.patient_id, label=lambda case: case.label
+    )
     labels = np.asarray([case.label for case in train_cases], dtype=np.float32)
     validation_labels = np.asarray([case.label for case in validation_cases], dtype=np.float32)
     positives = float(labels.sum())
@@ -443,16 +438,6 @@ def train(
     return pack
 
 
-def _update_manifest_evaluation(pack: ModelPack, key: str, summary: dict[str, Any]) -> None:
-    """Write ``summary`` under ``evaluation[key]`` in the pack's manifest (the weights are untouched)."""
-    path = pack.folder / MANIFEST
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    data.setdefault("evaluation", {})[key] = summary
-    Manifest.model_validate(data)
-    path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
-    load_pack(pack.folder).verify()
-
-
 def evaluate(pack: ModelPack, data: Path, out: Path) -> dict[str, Any]:
     """Evaluate ``pack`` on every phantom study in ``data``, with and without TTA; write the report to ``out``."""
     started = time.perf_counter()
@@ -460,11 +445,10 @@ def evaluate(pack: ModelPack, data: Path, out: Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(pack)
     threshold = pack.manifest.output(OUTPUT).threshold
-    input_size = int(pack.manifest.architecture.hyperparameters["input_size"])
     cases = find_cases(data)
     rows = []
     for case in cases:
-        _, bag = case.bag(input_size)
+        _, bag = case.bag(model.hyperparameters.input_size)
         prediction = predict(model, bag, tta=True)
         rows.append(
             {
@@ -507,7 +491,7 @@ def evaluate(pack: ModelPack, data: Path, out: Path) -> dict[str, Any]:
         "data": {"folder": str(Path(data)), **summary},
         "label": "active inflammation (any bone marrow edema), from ground_truth.json",
         "threshold": threshold,
-        "bootstrap": {"resamples": 2000, "interval": "percentile 95 %", "unit": "study (patient)"},
+        "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "interval": "percentile 95 %", "unit": "study (patient)"},
         "variants": variants,
         "seconds": round(time.perf_counter() - started, 1),
         "cases": rows,
@@ -516,9 +500,9 @@ def evaluate(pack: ModelPack, data: Path, out: Path) -> dict[str, Any]:
     report_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     (out / EVALUATION_MD).write_text(_markdown(report), encoding="utf-8")
     if out.resolve() == pack.folder.resolve():
-        _update_manifest_evaluation(
+        update_evaluation(
             pack,
-            "held_out",
+            HELD_OUT,
             {
                 "studies": summary["studies"],
                 "positives": summary["positives"],
@@ -544,7 +528,7 @@ def _markdown(report: dict[str, Any]) -> str:
         + describe_seeds(data)
         + "; none of them seen in training or validation.",
         f"- Positives whose edema reaches no slice of the axial T2FS stack: {data['positives_without_edema_on_t2fs']}.",
-        f"- Operating threshold {report['threshold']}; 95 % CIs by percentile bootstrap over studies (2000 resamples).",
+        f"- Operating threshold {report['threshold']}; 95 % CIs by percentile bootstrap over studies ({report['bootstrap']['resamples']} resamples).",
         f"- Model: {pack['architecture']['name']}, {pack['parameters']:,} parameters, hyperparameters "
         + ", ".join(f"{k}={v}" for k, v in pack["architecture"]["hyperparameters"].items())
         + f"; weights sha256 `{pack['weights_sha256']}`.",

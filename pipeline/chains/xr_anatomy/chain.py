@@ -9,9 +9,17 @@ note says what the paper found such confident predictions to mean.
 
 Maps (on the radiograph's pixel grid): the Grad-CAM of the classifier's last stage, drawn back
 from the crop onto the whole radiograph, and the segmentation overlay of :mod:`.overlay`.
+
+Options (config.yaml ``chains[].options``; ``ModelChain`` refuses unknown ones):
+
+* ``sw_batch_size`` (default 1): sliding windows the segmenter runs at a time (memory versus speed);
+* ``parametric_maps`` (default false): also encode the maps as Parametric Maps (ModelChain).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from pydicom import Dataset
 
@@ -46,10 +54,12 @@ class XRAnatomyChain(ModelChain):
     """Anatomy-aware radiographic sacroiliitis detection (Dorfner et al. 2024) on one radiograph."""
 
     chain_name = "xr-anatomy"
+    option_defaults: ClassVar[Mapping[str, Any]] = {"sw_batch_size": 1}
+    option_minimums: ClassVar[Mapping[str, float]] = {"sw_batch_size": 1}
 
     def build(self, state_dict: dict) -> None:
         self.model = AnatomyAwareModel.from_pack(
-            self.pack.manifest, state_dict, self.device, sw_batch_size=int(self.options.get("sw_batch_size", 1))
+            self.pack.manifest, state_dict, self.device, sw_batch_size=self.settings["sw_batch_size"]
         )
         self.threshold = self.pack.manifest.output(OUTPUT).threshold
 

@@ -154,7 +154,3 @@ def load_networks(hyperparameters: Mapping[str, Any], state_dict: Mapping[str, t
     networks.segmenter.load_state_dict(segmenter, strict=True)
     networks.classifier.load_state_dict(classifier, strict=True)
     return networks.to(device).eval()
-
-
-def parameter_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

@@ -18,7 +18,8 @@ Training (CPU, one torch thread):
 
 Both use a one-cycle learning rate that anneals to nearly zero, and keep the last epoch (on a
 few dozen validation studies the best-epoch choice is noise); a seeded, stratified 15 % of the
-studies is held out for the validation numbers in the manifest. The demo
+patients (:func:`pipeline.training.split_by_patient`) is held out for the validation numbers in
+the manifest. The demo
 sizes are in :data:`DEMO_HYPERPARAMETERS` / :data:`DEMO_PREPROCESSING`; the published ones give
 a 140 MB pack and would not train on a CPU in the time allowed.
 """
@@ -37,11 +38,19 @@ import torch
 from monai.data import MetaTensor
 from torch import nn
 
-from pipeline.packs import ModelPack, write_pack
+from pipeline.evaluation import (
+    BOOTSTRAP_RESAMPLES,
+    auc,
+    evaluate_binary,
+    plot_roc,
+    threshold_metrics,
+)
+from pipeline.packs import HELD_OUT, ModelPack, update_evaluation, write_pack
+from pipeline.training import count_parameters, split_by_patient
 
 from .data import LEFT_ILIUM, RIGHT_ILIUM, SACRUM, PhantomRadiograph, find_radiographs
 from .joints import Box, JointRegionError, ilium_classes, joint_regions
-from .model import Networks, build_networks, parameter_count
+from .model import Networks, build_networks
 from .preprocess import (
     ClassificationSettings,
     SegmentationSettings,
@@ -141,17 +150,20 @@ def prepare(
     return tensors
 
 
-def split(studies: Sequence[PhantomRadiograph], seed: int) -> tuple[list[int], list[int]]:
-    """Seeded, stratified training / validation indices."""
-    rng = np.random.default_rng(seed)
-    train_idx, val_idx = [], []
-    for positive in (False, True):
-        members = [i for i, s in enumerate(studies) if s.positive == positive]
-        rng.shuffle(members)
-        n_val = max(1, round(VALIDATION_FRACTION * len(members))) if len(members) > 1 else 0
-        val_idx += members[:n_val]
-        train_idx += members[n_val:]
-    return sorted(train_idx), sorted(val_idx)
+def ground_truth(study: PhantomRadiograph) -> dict[str, Any]:
+    """The study's ``ground_truth.json``."""
+    return json.loads((study.folder / "ground_truth.json").read_text())
+
+
+def split(studies: Sequence[PhantomRadiograph], truths: Sequence[dict[str, Any]], seed: int) -> tuple[list[int], list[int]]:
+    """Seeded training / validation indices, patient-wise and stratified by label (``truths``: each study's ground truth)."""
+    return split_by_patient(
+        range(len(studies)),
+        VALIDATION_FRACTION,
+        seed,
+        patient=lambda i: str(truths[i]["patient_id"]),
+        label=lambda i: studies[i].positive,
+    )
 
 
 # ---------------------------------------------------------------------------------- training
@@ -328,8 +340,6 @@ def train_classifier(
 
 
 def _classifier_validation(classifier: nn.Module, data: dict[str, torch.Tensor], index: list[int], loss_fn: nn.Module) -> tuple[float, float]:
-    from pipeline.evaluation import auc
-
     if not index:
         return float("nan"), float("nan")
     classifier.eval()
@@ -348,7 +358,8 @@ def train(data: Path, out: Path, *, epochs: int | None = None, seed: int = 0, pr
     torch.manual_seed(seed)
     started = time.perf_counter()
     studies = find_radiographs(data)
-    train_idx, val_idx = split(studies, seed)
+    truths = [ground_truth(study) for study in studies]
+    train_idx, val_idx = split(studies, truths, seed)
     _log(progress, f"xr-anatomy: {len(studies)} phantom radiographs ({len(train_idx)} training, {len(val_idx)} validation)")
     tensors = prepare(studies, DEMO_PREPROCESSING, seed, progress)
     prepared_s = time.perf_counter() - started
@@ -361,7 +372,7 @@ def train(data: Path, out: Path, *, epochs: int | None = None, seed: int = 0, pr
     )
     validation = _validate_pipeline(networks, [studies[i] for i in val_idx], progress)
     elapsed = time.perf_counter() - started
-    seeds = sorted(json.loads((s.folder / "ground_truth.json").read_text())["seed"] for s in studies)
+    seeds = sorted(truth["seed"] for truth in truths)
     manifest = {
         "name": "xr-anatomy-demo",
         "version": "1.0.0",
@@ -399,8 +410,8 @@ def train(data: Path, out: Path, *, epochs: int | None = None, seed: int = 0, pr
             "segmenter": segmenter_report,
             "classifier": classifier_report,
             "parameters": {
-                "segmenter": parameter_count(networks.segmenter),
-                "classifier": parameter_count(networks.classifier),
+                "segmenter": count_parameters(networks.segmenter),
+                "classifier": count_parameters(networks.classifier),
             },
             "training_seconds": round(elapsed, 1),
             "preparation_seconds": round(prepared_s, 1),
@@ -414,8 +425,6 @@ def train(data: Path, out: Path, *, epochs: int | None = None, seed: int = 0, pr
 
 def _validate_pipeline(networks: Networks, studies: Sequence[PhantomRadiograph], progress: bool) -> dict[str, Any]:
     """The whole pipeline (predicted segmentation → crop → classifier) on the validation studies."""
-    from pipeline.evaluation import auc, threshold_metrics
-
     from .inference import AnatomyAwareModel
 
     if not studies:
@@ -440,8 +449,6 @@ def evaluate(pack: ModelPack, data: Path, out: Path) -> dict[str, Any]:
     """Held-out evaluation of a pack: AUC, balanced accuracy, sensitivity and specificity at the
     pack's threshold with bootstrap 95 % CIs, a ROC plot, and segmentation quality (Dice per class,
     the share of each ground-truth joint inside the crop box)."""
-    from pipeline.evaluation import evaluate_binary, plot_roc
-
     from .inference import AnatomyAwareModel
 
     torch.set_num_threads(1)
@@ -498,21 +505,14 @@ def evaluate(pack: ModelPack, data: Path, out: Path) -> dict[str, Any]:
     report_path.write_text(json.dumps({"pack": pack.manifest.name, "version": pack.manifest.version, "metrics": metrics, **summary, "studies": rows}, indent=2) + "\n")
     (out / "evaluation.md").write_text(_markdown(pack, metrics, summary, data))
     if out.resolve() == pack.folder.resolve():
-        record_heldout(pack, metrics, summary, data)
+        # the manifest then says what the pack was measured to do
+        update_evaluation(pack, HELD_OUT, held_out_summary(metrics, summary, data))
     return {"variants": {"": metrics}, "roc_png": str(roc), "report": str(report_path), **summary}
 
 
-def record_heldout(pack: ModelPack, metrics: dict[str, dict[str, float]], summary: dict[str, Any], data: Path) -> None:
-    """Put the held-out summary into the pack's manifest (``evaluation.heldout``), when the report
-    is written beside the pack: the manifest then says what the pack was measured to do. The
-    weights, and so their sha256, are untouched."""
-    import yaml
-
-    from pipeline.packs import MANIFEST, Manifest
-
-    path = pack.folder / MANIFEST
-    manifest = yaml.safe_load(path.read_text(encoding="utf-8"))
-    manifest.setdefault("evaluation", {})["heldout"] = {
+def held_out_summary(metrics: dict[str, dict[str, float]], summary: dict[str, Any], data: Path) -> dict[str, Any]:
+    """The held-out evaluation as the manifest records it (``evaluation.held_out``)."""
+    return {
         "data": (
             f"{summary['n']} phantom radiographs ({rows_span(data)}, {summary['positives']} with radiographic "
             "sacroiliitis), none among the training studies"
@@ -521,8 +521,6 @@ def record_heldout(pack: ModelPack, metrics: dict[str, dict[str, float]], summar
         "segmentation_dice_mean": summary["segmentation_dice_mean"],
         "report": "evaluation.md",
     }
-    Manifest.model_validate(manifest)
-    path.write_text(yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True), encoding="utf-8")
 
 
 def rows_span(data: Path) -> str:
@@ -538,7 +536,7 @@ def _markdown(pack: ModelPack, metrics: dict[str, dict[str, float]], summary: di
         (
             f"{summary['n']} held-out phantom radiographs ({summary['positives']} with radiographic sacroiliitis) "
             f"from `{data.name}`; decision at p >= {summary['threshold']:g}; 95 % CIs by bootstrap over studies "
-            "(2000 resamples)."
+            f"({BOOTSTRAP_RESAMPLES} resamples)."
         ),
         "",
         "| metric | value | 95 % CI |",
