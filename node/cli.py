@@ -298,7 +298,7 @@ def cmd_echo(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_explain(args: argparse.Namespace, config: Config) -> int:
-    from pipeline.classify import classify_series
+    from pipeline.classify import classify_series, trace_classification
 
     record = _open_store(config).series(args.series_uid)
     if record is None:
@@ -313,6 +313,9 @@ def cmd_explain(args: argparse.Namespace, config: Config) -> int:
         "at_completion": {"role": record.role, "plane": record.plane, "rule": record.rule, "reason": record.reason},
         "header": record.header,
     }
+    if args.verbose:
+        settings = config.classification
+        result["rules_tried"] = trace_classification(record.header, settings.rules, settings.tilt_tolerance_deg)
     if args.json:
         _print_json(result)
         return 0
@@ -322,6 +325,8 @@ def cmd_explain(args: argparse.Namespace, config: Config) -> int:
     console.print(f"rule: {now.rule}\nwhy: {now.reason}")
     if record.rule and (record.role, record.plane, record.rule) != (now.role.value, now.plane.value, now.rule):
         console.print(f"[yellow]at completion it was {record.role}/{record.plane} by rule {record.rule}[/yellow]")
+    if args.verbose:
+        console.print("[bold]Rules tried[/bold]", *result["rules_tried"], sep="\n", highlight=False)
     console.print(_table("Header facts used", ["attribute", "value"], sorted((k, v) for k, v in record.header.items())))
     return 0
 
@@ -502,7 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("reprocess", cmd_reprocess, "run a study's chains again as a new version").add_argument("study_uid")
     add("complete", cmd_complete, "complete a study now instead of waiting for its quiet period").add_argument("study_uid")
     add("echo", cmd_echo, "C-ECHO a configured peer").add_argument("destination")
-    add("explain", cmd_explain, "why a series got its role and plane").add_argument("series_uid")
+    explain = add("explain", cmd_explain, "why a series got its role and plane")
+    explain.add_argument("series_uid")
+    explain.add_argument("--verbose", action="store_true", help="also every classification rule tried, in order, and why it did not match")
     config_cmd = sub.add_parser("config", help="configuration commands", parents=[common])
     config_sub = config_cmd.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
     check = config_sub.add_parser("check", help="validate config.yaml and the files it names", parents=[common])

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from node.config import Config
 from node.logs import log_event
 from pipeline.classify import classify_series
-from pipeline.route import SeriesCandidate, explain_routing, route_study
+from pipeline.route import SeriesCandidate, plan_routing
 from storage.store import NewJob, SeriesDecision, Store
 
 log = logging.getLogger("sijnode.completion")
@@ -57,9 +57,9 @@ def complete_study(store: Store, config: Config, study_uid: str, new_version: bo
             )
         )
     chains = [chain for chain in config.chains if chain.enabled]
-    routed = route_study(candidates, chains)
-    jobs = [NewJob(job.chain, dict(job.inputs)) for job in routed]
-    note = "; ".join(explain_routing(candidates, chains)) if chains else "no chain is configured"
+    routing = plan_routing(candidates, chains)
+    jobs = [NewJob(job.chain, dict(job.inputs)) for job in routing.jobs]
+    note = "; ".join(routing.lines) if chains else "no chain is configured"
     if not jobs:
         note = f"no applicable chain ({note})"
     version = store.complete_study(study_uid, study.last_received_at, decisions, jobs, note, new_version=new_version)

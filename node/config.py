@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.classify import ClassificationRule, check_rule_names
+from pipeline.classify import DEFAULT_TILT_TOLERANCE_DEG, ClassificationRule, check_rule_names
 from pipeline.route import ChainSpec
 
 
@@ -118,7 +118,7 @@ class PeerConfig(_Strict):
 
 class ClassificationConfig(_Strict):
     # Semicoronal MRI follows the sacrum, tilted 25-45° from true coronal: it must count as coronal.
-    tilt_tolerance_deg: Annotated[float, Field(ge=0, le=45)] = 45.0
+    tilt_tolerance_deg: Annotated[float, Field(ge=0, le=45)] = DEFAULT_TILT_TOLERANCE_DEG
     # Tried in order before the built-in rules; the first match wins.
     rules: list[ClassificationRule] = []
 

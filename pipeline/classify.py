@@ -51,6 +51,7 @@ from pydicom.multival import MultiValue
 
 __all__ = [
     "BUILTIN_RULES",
+    "DEFAULT_TILT_TOLERANCE_DEG",
     "Classification",
     "ClassificationRule",
     "Condition",
@@ -646,6 +647,11 @@ def check_rule_names(rules: Sequence[ClassificationRule]) -> None:
 _AXIS_PLANES = (Plane.SAGITTAL, Plane.CORONAL, Plane.AXIAL)
 _AXIS_NAMES = ("left–right", "anterior–posterior", "superior–inferior")
 
+#: Default tilt tolerance (degrees): a slice normal within it of an LPS axis takes that axis's
+#: plane. Semicoronal SIJ MRI follows the sacrum, tilted 25-45° from true coronal, and must count
+#: as coronal. The node's classification.tilt_tolerance_deg should default to this constant.
+DEFAULT_TILT_TOLERANCE_DEG = 45.0
+
 
 def _check_tolerance(tilt_tolerance_deg: float) -> None:
     # Above 45° the nearest axis is always within tolerance, so "oblique" could never happen.
@@ -770,7 +776,7 @@ _KEY_ATTRIBUTES = (
 def classify_series(
     summary: Mapping[str, Any],
     rules: Sequence[ClassificationRule] = (),
-    tilt_tolerance_deg: float = 30.0,
+    tilt_tolerance_deg: float = DEFAULT_TILT_TOLERANCE_DEG,
 ) -> Classification:
     """Classify one series from its :func:`header_summary`.
 
@@ -814,7 +820,7 @@ def classify_series(
 def trace_classification(
     summary: Mapping[str, Any],
     rules: Sequence[ClassificationRule] = (),
-    tilt_tolerance_deg: float = 30.0,
+    tilt_tolerance_deg: float = DEFAULT_TILT_TOLERANCE_DEG,
 ) -> list[str]:
     """Every rule tried for one series, in order, up to the one that fired: for a verbose
     `sijnode explain`, to see why an expected rule did not match."""

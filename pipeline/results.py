@@ -38,7 +38,7 @@ class Region(str, Enum):
 
 @dataclass(frozen=True)
 class Concept:
-    """A coded concept (value, scheme designator, meaning), e.g. ("24700007", "SCT", "Sacroiliitis")."""
+    """A coded concept (value, scheme designator, meaning), e.g. ("39723000", "SCT", "Sacroiliac joint")."""
 
     value: str
     scheme: str

@@ -23,8 +23,10 @@ __all__ = [
     "ChainRequirement",
     "ChainSpec",
     "RoutedJob",
+    "RoutingPlan",
     "SeriesCandidate",
     "explain_routing",
+    "plan_routing",
     "route_study",
 ]
 
@@ -239,25 +241,33 @@ def _ordered(series: Sequence[SeriesCandidate]) -> list[SeriesCandidate]:
     return sorted(series, key=_preference)
 
 
-def route_study(series: Sequence[SeriesCandidate], chains: Sequence[ChainSpec]) -> list[RoutedJob]:
-    """One job per enabled chain whose every requirement is met, in the order chains are declared.
+@dataclass(frozen=True)
+class RoutingPlan:
+    """The routing of one study: its jobs, and one human line per chain saying why."""
+
+    jobs: list[RoutedJob]  # in the order chains are declared; empty: no chain applies
+    lines: list[str]  # per chain: routed with which series, or why not
+
+
+def plan_routing(series: Sequence[SeriesCandidate], chains: Sequence[ChainSpec]) -> RoutingPlan:
+    """One job per enabled chain whose every requirement is met, and the explanation of each
+    chain's decision, from a single matching pass.
 
     For each requirement the preferred fitting series is the one with most instances, then the
-    highest series number, then the lowest UID in string order; one series never serves two requirements of the
-    same chain (it may serve several chains).  An empty list means no chain applies.
+    highest series number, then the lowest UID in string order; one series never serves two
+    requirements of the same chain (it may serve several chains).
     """
     _check_chain_names(chains)
     ordered = _ordered(series)
-    jobs = []
-    for chain in chains:
-        job, _ = _plan_chain(chain, ordered)
-        if job is not None:
-            jobs.append(job)
-    return jobs
+    planned = [_plan_chain(chain, ordered) for chain in chains]
+    return RoutingPlan([job for job, _ in planned if job is not None], [line for _, line in planned])
+
+
+def route_study(series: Sequence[SeriesCandidate], chains: Sequence[ChainSpec]) -> list[RoutedJob]:
+    """The jobs of :func:`plan_routing`, for callers that need no explanation."""
+    return plan_routing(series, chains).jobs
 
 
 def explain_routing(series: Sequence[SeriesCandidate], chains: Sequence[ChainSpec]) -> list[str]:
-    """One human line per chain: routed with which series, or why not."""
-    _check_chain_names(chains)
-    ordered = _ordered(series)
-    return [_plan_chain(chain, ordered)[1] for chain in chains]
+    """The explanation lines of :func:`plan_routing`: routed with which series, or why not."""
+    return plan_routing(series, chains).lines

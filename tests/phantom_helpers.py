@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-from pathlib import Path
-
 import numpy as np
 from pydicom.dataset import Dataset
 
@@ -45,12 +41,3 @@ def radiograph_side_of_column(ds: Dataset, column: float) -> str:
         return "right" if in_right_half else "left"
     raise AssertionError(f"not an AP/PA row direction: {towards!r}")
 
-
-def dciodvfy_errors(path: Path) -> tuple[list[str], list[str]]:
-    """(error lines, warning lines) that ``dciodvfy -new`` prints for one file."""
-    if shutil.which("dciodvfy") is None:
-        raise FileNotFoundError("dciodvfy is not installed")
-    # dciodvfy's exit status does not tell errors from warnings: read its report instead
-    result = subprocess.run(["dciodvfy", "-new", str(path)], capture_output=True, text=True, timeout=60, check=False)
-    lines = (result.stdout + result.stderr).splitlines()
-    return [line for line in lines if "Error" in line], [line for line in lines if "Warning" in line]

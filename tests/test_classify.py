@@ -23,6 +23,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from pipeline.classify import (
     BUILTIN_RULES,
+    DEFAULT_TILT_TOLERANCE_DEG,
     SUMMARY_KEYWORDS,
     UNCLASSIFIED_RULE,
     Classification,
@@ -79,7 +80,7 @@ AXIAL = orientation("axial")
 CORONAL = orientation("coronal")
 SAGITTAL = orientation("sagittal")
 SEMICORONAL_20 = orientation("coronal", 20.0)  # along the sacrum: the usual SIJ plane
-CORONAL_TILTED_40 = orientation("coronal", 40.0)  # too steep: oblique at 30° tolerance
+CORONAL_TILTED_40 = orientation("coronal", 40.0)  # too steep: oblique at 30° tolerance, coronal at 45°
 AXIAL_GANTRY_TILT_7 = orientation("axial", 7.0)  # CT gantry tilt / small MR angulation
 SEMIAXIAL_15 = orientation("axial", -15.0)  # axial-oblique angled along the SI joints
 
@@ -535,7 +536,13 @@ CASES: list[Case] = [
 ]
 
 
+# The catalog's expected planes assume a 30° tilt tolerance (the 40° series is oblique), not the
+# library default; tests that mean another tolerance pass it.
+CATALOG_TILT_TOLERANCE_DEG = 30.0
+
+
 def classify_case(c: Case, **kwargs: Any) -> Classification:
+    kwargs.setdefault("tilt_tolerance_deg", CATALOG_TILT_TOLERANCE_DEG)
     return classify_series(header_summary(dataset(**c.attributes)), **kwargs)
 
 
@@ -577,6 +584,17 @@ def test_tilt_tolerance_is_configurable() -> None:
     assert classify_case(semicoronal, tilt_tolerance_deg=20.0).plane is Plane.CORONAL
     tilted = next(c for c in CASES if c.id == "siemens-tirm-tilted-40-oblique")
     assert classify_case(tilted, tilt_tolerance_deg=45.0).plane is Plane.CORONAL
+
+
+def test_default_tilt_tolerance_is_the_nodes_45_degrees() -> None:
+    """Without a tolerance, classify_series and trace_classification use 45°, the node's default
+    (node/config.py), so the 40° series is coronal."""
+    assert DEFAULT_TILT_TOLERANCE_DEG == 45.0
+    case_40 = next(c for c in CASES if c.id == "siemens-tirm-tilted-40-oblique")
+    tilted = header_summary(dataset(**case_40.attributes))
+    assert classify_series(tilted).plane is Plane.CORONAL
+    assert trace_classification(tilted)[-1].startswith("= STIR coronal")
+    assert classify_series(tilted, tilt_tolerance_deg=CATALOG_TILT_TOLERANCE_DEG).plane is Plane.OBLIQUE
 
 
 def test_reason_for_unclassified_names_what_was_seen() -> None:

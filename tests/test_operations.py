@@ -46,6 +46,9 @@ def test_cli_reports_studies_jobs_and_explains_series(tmp_path: Path) -> None:
         assert explained["current_rules"]["rule"] == explained["at_completion"]["rule"]
         text = node.cli("explain", series_uid).stdout
         assert "T1" in text and "rule:" in text and "why:" in text
+        tried = node.cli_json("explain", series_uid, "--verbose")["rules_tried"]
+        assert tried[-1].startswith("= T1 coronal by ") and any(line.startswith("✓ ") for line in tried)
+        assert "Rules tried" in node.cli("explain", series_uid, "--verbose").stdout
 
         # reprocess: the same study again, as version 2.
         assert node.cli_json("reprocess", study_uid)["version"] == 2

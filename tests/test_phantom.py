@@ -42,8 +42,8 @@ from pipeline.phantom.lesions import LesionSpec, place_lesions, resolve_lesion_s
 from pipeline.phantom.mri import plan_mri
 from pipeline.phantom.series import RenderedSeries
 from pipeline.phantom.vendors import VENDORS
+from tests.dicom3tools import dciodvfy_errors
 from tests.phantom_helpers import (
-    dciodvfy_errors,
     lps_of_pixel,
     radiograph_side_of_column,
     stack,
@@ -229,7 +229,7 @@ def test_vendor_naming_rotates_and_validates(tmp_path):
                 assert {"FS", "SFS"} & set(values(ds, "ScanOptions"))
             path = tmp_path / f"{vendor.name}_{plan.role}.dcm"
             ds.save_as(path, enforce_file_format=True)
-            errors, _ = dciodvfy_errors(path)
+            errors = dciodvfy_errors(path)
             assert not errors, (vendor.name, plan.role, errors)
     assert ("Siemens", "T2FS", "t2_tse_tra_fs") in seen and ("GE", "STIR", "Cor STIR") in seen
     assert ("Philips", "T2FS", "T2W_TSE_SPAIR_TRA") in seen and ("Canon", "T1", "T1 FSE COR") in seen
@@ -245,7 +245,7 @@ def test_synthetic_identity(sclerotic):
 # ---------------------------------------------------------------------------------- DICOM validity
 def test_every_kind_passes_dciodvfy(written_left):
     for series_folder in sorted(path for path in written_left.iterdir() if path.is_dir()):
-        errors, _ = dciodvfy_errors(series_folder / "0001.dcm")
+        errors = dciodvfy_errors(series_folder / "0001.dcm")
         assert not errors, (series_folder.name, errors)
 
 
@@ -261,7 +261,7 @@ def test_compressed_transfer_syntaxes_are_lossless_and_valid(sclerotic, tmp_path
         assert reread.file_meta.TransferSyntaxUID == resolve_transfer_syntax(syntax)
         assert np.array_equal(reread.pixel_array, original), info.role
         assert reread.SOPInstanceUID == dataset.SOPInstanceUID, "lossless recoding keeps the instance"
-        errors, _ = dciodvfy_errors(path)
+        errors = dciodvfy_errors(path)
         assert not errors, (syntax, info.role, errors)
 
 

@@ -11,6 +11,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+import pipeline.route
 from pipeline.classify import Plane, Role
 from pipeline.route import (
     ChainRequirement,
@@ -18,6 +19,7 @@ from pipeline.route import (
     RoutedJob,
     SeriesCandidate,
     explain_routing,
+    plan_routing,
     route_study,
 )
 
@@ -230,6 +232,27 @@ def test_explain_names_chosen_series(chains: list[ChainSpec]) -> None:
     line = explain_routing(study, chains)[0]
     assert line.startswith("chain 'sij-mri-coronal': routed:")
     assert "t1 ← 1.2.3 (T1 coronal, series #3, 22 instances)" in line
+
+
+def test_plan_routing_matches_each_chain_once_for_jobs_and_lines(
+    chains: list[ChainSpec], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    study = [series("t1cor", Role.T1, Plane.CORONAL), series("stircor", Role.STIR, Plane.CORONAL)]
+    planned: list[str] = []
+    plan_chain = pipeline.route._plan_chain
+
+    def counting(chain: ChainSpec, ordered: Any) -> Any:
+        planned.append(chain.name)
+        return plan_chain(chain, ordered)
+
+    monkeypatch.setattr(pipeline.route, "_plan_chain", counting)
+    plan = plan_routing(study, chains)
+    assert planned == [chain.name for chain in chains]
+    assert plan.jobs == route_study(study, chains) == [
+        RoutedJob("sij-mri-coronal", {"t1": "t1cor", "stir": "stircor"})
+    ]
+    assert plan.lines == explain_routing(study, chains)
+    assert len(plan.lines) == len(chains) and plan.lines[0].startswith("chain 'sij-mri-coronal': routed:")
 
 
 @pytest.mark.parametrize(

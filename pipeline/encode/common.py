@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 from pydicom import Dataset
 from pydicom.uid import generate_uid
 
-from pipeline.encode.codes import coding_scheme_identification, concept
+from pipeline.encode.codes import coded, coding_scheme_identification, concept
 from pipeline.results import ChainResult, ImageRef, Provenance
 
 MANUFACTURER = "sijnode"
@@ -15,7 +15,10 @@ MANUFACTURER = "sijnode"
 NOT_FOR_DIAGNOSIS = "AI - not for diagnosis"
 DEMONSTRATION = "DEMONSTRATION"
 
-_LONG_STRING_MAX = 64  # LO: SeriesDescription, ManufacturerModelName, SoftwareVersions
+# Value lengths of DICOM's string VRs: LO (SeriesDescription, ManufacturerModelName, ...) and SH
+# (LUTLabel). Names we write where a reader expects an LO-sized name get the LO limit too.
+LONG_STRING_MAX = 64
+SHORT_STRING_MAX = 16
 
 
 def device_uid(provenance: Provenance) -> str:
@@ -40,7 +43,7 @@ def series_description(provenance: Provenance, kind: str) -> str:
     """
     mark = f"{DEMONSTRATION} " if provenance.demonstration else ""
     text = f"{mark}AI {kind} {algorithm_label(provenance)}"
-    return text[:_LONG_STRING_MAX]
+    return text[:LONG_STRING_MAX]
 
 
 def demonstration_notice(provenance: Provenance) -> str:
@@ -56,16 +59,11 @@ def algorithm_equipment(provenance: Provenance) -> Dataset:
     Hand-written: highdicom's ContributingEquipment accepts only DCM purposes of reference and
     has no Device UID, and IHE AIR needs (Newcode1, 99IHE, "Processing Algorithm") and one.
     """
-    purpose = concept("processing algorithm")
-    code = Dataset()
-    code.CodeValue = purpose.value
-    code.CodingSchemeDesignator = purpose.scheme
-    code.CodeMeaning = purpose.meaning
     item = Dataset()
-    item.PurposeOfReferenceCodeSequence = [code]
+    item.PurposeOfReferenceCodeSequence = [coded(concept("processing algorithm"))]
     item.Manufacturer = MANUFACTURER
-    item.ManufacturerModelName = provenance.pack_name[:_LONG_STRING_MAX]
-    item.SoftwareVersions = provenance.pack_version[:_LONG_STRING_MAX]
+    item.ManufacturerModelName = provenance.pack_name[:LONG_STRING_MAX]
+    item.SoftwareVersions = provenance.pack_version[:LONG_STRING_MAX]
     item.DeviceUID = device_uid(provenance)
     return item
 

@@ -11,7 +11,9 @@ from pydicom import Dataset
 
 from pipeline.encode.codes import coded, concept, map_quantity_code
 from pipeline.encode.common import (
+    LONG_STRING_MAX,
     MANUFACTURER,
+    SHORT_STRING_MAX,
     add_algorithm_equipment,
     algorithm_label,
     declare_private_schemes,
@@ -30,8 +32,8 @@ def _value_mapping(heat: Map) -> hd.pm.RealWorldValueMapping:
     """Stored floats are the map's values: identity mapping, no units, quantity per meaning."""
     quantity = map_quantity_code(heat.meaning)
     return hd.pm.RealWorldValueMapping(
-        lut_label=heat.meaning.value[:16],
-        lut_explanation=(heat.caption or quantity.meaning)[:64],
+        lut_label=heat.meaning.value[:SHORT_STRING_MAX],
+        lut_explanation=(heat.caption or quantity.meaning)[:LONG_STRING_MAX],
         unit=coded(concept("no units")),
         value_range=(0.0, 1.0),
         slope=1.0,
@@ -58,15 +60,15 @@ def parametric_map(
         sop_instance_uid=sop_instance_uid,
         instance_number=instance_number,
         manufacturer=MANUFACTURER,
-        manufacturer_model_name=provenance.pack_name[:64],
-        software_versions=provenance.pack_version[:64],
+        manufacturer_model_name=provenance.pack_name[:LONG_STRING_MAX],
+        software_versions=provenance.pack_version[:LONG_STRING_MAX],
         # The pack build is the "device": its UID stands in for a serial number.
         device_serial_number=device_uid(provenance),
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[_value_mapping(heat)],
         voi_lut_transformations=[hd.VOILUTTransformation(window_center=0.5, window_width=1.0)],
         content_label="AIMAP",
-        content_description=f"{heat.meaning.value} map, {algorithm_label(provenance)}"[:64],
+        content_description=f"{heat.meaning.value} map, {algorithm_label(provenance)}"[:LONG_STRING_MAX],
         series_description=series_description(provenance, "maps"),
     )
     pm.SharedFunctionalGroupsSequence[0].FrameAnatomySequence = [_frame_anatomy(source)]

@@ -5,9 +5,10 @@ Layout (all built with highdicom's TID builders except where noted):
 - TID 1500 root, with a device observer (the pack build), Procedure Reported and an Image
   Library listing every source image;
 - one TID 1501 measurement group per Finding: tracking identifier and UID, the finding concept,
-  its site with laterality and topographical modifier, TID 4019 algorithm identification,
-  the Probability (122157, DCM) in UCUM "1", a Present/Absent evaluation at the threshold,
-  the evidence images and, if the chain wrote one, the note as a TEXT item;
+  its site with laterality and topographical modifier, TID 4019 algorithm identification
+  (pack, weights, device, threshold), the Probability (122157, DCM) in UCUM "1", a
+  Present/Absent evaluation at the threshold, the evidence images and, if the chain wrote one,
+  the note as a TEXT item;
 - one TID 1501 group per per-image score concept, each score an image-referenced measurement;
 - for a demonstration pack, a TEXT item saying so, in TID 1500's Qualitative Evaluations.
 """
@@ -31,6 +32,7 @@ from pipeline.encode.codes import (
     site_code,
 )
 from pipeline.encode.common import (
+    LONG_STRING_MAX,
     MANUFACTURER,
     add_algorithm_equipment,
     declare_private_schemes,
@@ -96,9 +98,9 @@ def _observation_context(provenance: Provenance) -> hd.sr.ObservationContext:
     """The device observer: the pack build that made the observations (TID 1004)."""
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=device_uid(provenance),
-        name=provenance.algorithm_name[:64],
+        name=provenance.algorithm_name[:LONG_STRING_MAX],
         manufacturer_name=MANUFACTURER,
-        model_name=provenance.pack_name[:64],
+        model_name=provenance.pack_name[:LONG_STRING_MAX],
     )
     return hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(
@@ -134,14 +136,17 @@ def _procedure_reported(sources: Sequence[Dataset]) -> hd.sr.CodedConcept:
 def _algorithm_identification(
     provenance: Provenance, threshold: float | None = None
 ) -> hd.sr.AlgorithmIdentification:
-    """TID 4019: pack name and version; the parameters name the weights and, for a finding,
+    """TID 4019: pack name and version; the parameters name the weights, the device the model
+    ran on (cpu or cuda: their floating-point results may differ slightly) and, for a finding,
     its operating threshold.
 
     No Algorithm Manufacturer item: PixelMed's TID 4019 predates it and warns; the manufacturer
-    is in the device observer and the contributing equipment anyway.
+    is in the device observer and the contributing equipment anyway. No timings: they differ on
+    every run, and a re-encoded result must reproduce its SR.
     """
     parameters = [f"operating threshold={threshold:g}"] if threshold is not None else []
     parameters.append(f"weights sha256={provenance.weights_sha256}")
+    parameters.append(f"device={provenance.device}")
     parameters += [f"{key}={value}" for key, value in sorted(provenance.parameters.items())]
     return hd.sr.AlgorithmIdentification(
         name=provenance.pack_name, version=provenance.pack_version, parameters=parameters

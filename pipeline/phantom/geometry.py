@@ -98,41 +98,6 @@ class SliceGeometry:
         half_height = (self.rows - 1) / 2.0 * self.pixel_spacing[0]
         return slice_center - half_width * row_dir - half_height * col_dir
 
-    def slice_points(self, index: int, depth_offset: float = 0.0) -> np.ndarray:
-        """LPS centres of all pixels of slice ``index``, shape (rows, columns, 3).
-
-        ``depth_offset`` shifts the plane along the normal (used to sample the slice
-        profile at several depths for through-plane partial volume).
-        """
-        origin = self.image_position(index) + depth_offset * self.normal
-        cols = np.arange(self.columns, dtype=np.float64) * self.pixel_spacing[1]
-        rows = np.arange(self.rows, dtype=np.float64) * self.pixel_spacing[0]
-        points = (
-            origin[None, None, :]
-            + cols[None, :, None] * np.asarray(self.row_dir)[None, None, :]
-            + rows[:, None, None] * np.asarray(self.col_dir)[None, None, :]
-        )
-        return points
-
-    def lps_of_pixel(self, index: int, row: float, column: float) -> np.ndarray:
-        """LPS position of pixel (row, column) of slice ``index``."""
-        return (
-            self.image_position(index)
-            + column * self.pixel_spacing[1] * np.asarray(self.row_dir)
-            + row * self.pixel_spacing[0] * np.asarray(self.col_dir)
-        )
-
-    def bounds(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Axis-aligned LPS bounding box (min, max) of slice ``index``'s pixel centres."""
-        corners = np.array(
-            [
-                self.lps_of_pixel(index, r, c)
-                for r in (0, self.rows - 1)
-                for c in (0, self.columns - 1)
-            ]
-        )
-        return corners.min(axis=0), corners.max(axis=0)
-
 
 @dataclass(frozen=True)
 class ProjectionGeometry:

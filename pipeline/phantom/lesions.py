@@ -11,15 +11,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from .anatomy import LESION_EDGE_MM, SIDE_SIGN, PhantomModel
 from .sdf import Box, ellipsoid_distance, inside_fraction
 from .seeding import rng_for
-
-if TYPE_CHECKING:
-    from .anatomy import PhantomModel
 
 SIDES: tuple[str, ...] = ("left", "right")
 QUADRANTS: tuple[str, ...] = ("upper_ilium", "lower_ilium", "upper_sacrum", "lower_sacrum")
@@ -167,7 +165,7 @@ class PlacedLesion:
         assert self.center_mvw is not None and self.radii_mvw is not None
         mc, vc, wc = (np.float32(c) for c in self.center_mvw)
         sdf = ellipsoid_distance((m - mc, v - vc, w - wc), self.radii_mvw)
-        return inside_fraction(sdf, 1.5) * model.region_weight(self.region, v)
+        return inside_fraction(sdf, LESION_EDGE_MM) * model.region_weight(self.region, v)
 
 
 def load_spec(lesions: str | dict | Path) -> dict | str:
@@ -380,8 +378,6 @@ def _place_focal(model: PhantomModel, spec: LesionSpec, index: int, rng: np.rand
 
 def lesion_center_body(model: PhantomModel, lesion: PlacedLesion) -> np.ndarray:
     """Body-frame centre of a lesion (for joint-space lesions: the middle of its stretch of cleft)."""
-    from .anatomy import SIDE_SIGN
-
     if lesion.center_mvw is None:
         low, high = {
             "upper": (model.joint_mid, model.joint_top),

@@ -19,7 +19,6 @@ from .series import RenderedSeries, SeriesPlan
 from .tissues import signal
 from .vendors import Vendor
 
-MR_ROLES: tuple[str, ...] = ("T1", "STIR", "T2FS")
 _NOISE = {"T1": (0.022, 0.035), "STIR": (0.016, 0.026), "T2FS": (0.016, 0.026)}  # sigma relative to fat on T1
 
 

@@ -20,12 +20,6 @@ class Box:
     low: tuple[float, float, float]
     high: tuple[float, float, float]
 
-    def overlaps(self, low: np.ndarray, high: np.ndarray, margin: float) -> bool:
-        """True if this box, grown by ``margin``, intersects the box [low, high]."""
-        return bool(
-            np.all(np.asarray(self.low) - margin <= high) and np.all(np.asarray(self.high) + margin >= low)
-        )
-
     def mirrored_x(self) -> Box:
         """The same box reflected through the sagittal plane x = 0."""
         return Box((-self.high[0], self.low[1], self.low[2]), (-self.low[0], self.high[1], self.high[2]))

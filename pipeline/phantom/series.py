@@ -48,4 +48,3 @@ class RenderedSeries:
     masks: dict[str, np.ndarray]
     window: tuple[float, float]  # (center, width) in output units (HU for CT)
     rescale: tuple[float, float] = (0.0, 1.0)  # (intercept, slope)
-    extra: dict[str, Any] = field(default_factory=dict)

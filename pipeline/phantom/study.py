@@ -18,6 +18,7 @@ from .anatomy import (
     ANATOMY_LABELS,
     JOINT_LINE_LABELS,
     OCCUPANCY,
+    SIDE_SIGN,
     PhantomModel,
     sample_anatomy,
 )
@@ -317,8 +318,6 @@ def _anatomy_record(model: PhantomModel) -> dict:
 
 
 def _joint_point(model: PhantomModel, side: str) -> np.ndarray:
-    from .anatomy import SIDE_SIGN
-
     v = model.joint_mid
     w = float(model.mid_surface(v))
     width = float(model.cleft_width(side, np.array([v], dtype=np.float32))[0])

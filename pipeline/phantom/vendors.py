@@ -6,7 +6,7 @@ be tested against realistic headers.  The vendor of a study rotates with its see
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,6 @@ class Vendor:
     institution: str = "SIJNODE SYNTHETIC HOSPITAL"
     coronal_ascending: bool = True  # slice order: towards posterior (True) or anterior
     axial_ascending: bool = False  # slice order: towards head (True) or feet
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 SIEMENS = Vendor(
