@@ -36,10 +36,6 @@ class Prediction:
     attention: np.ndarray  # (slices,), sums to 1; the mean over the TTA views
     features: torch.Tensor  # (slices, feature_dim) of the original view, for Grad-CAM
 
-    @property
-    def tta(self) -> bool:
-        return self.probability_flipped is not None
-
 
 def flip_horizontal(bag: torch.Tensor) -> torch.Tensor:
     """Mirror every slice left-right (the columns; on axial images the patient's left and right)."""

@@ -134,10 +134,6 @@ class Bag:
     slice_labels: torch.Tensor  # (slices,)
     joint: torch.Tensor  # (slices,) bool: the slice cuts a joint
 
-    @property
-    def label(self) -> float:
-        return float(self.case.label)
-
 
 def _load_bags(cases: Sequence[Case], input_size: int, bar: Any, what: str) -> list[Bag]:
     task = bar.add_task(f"preprocess {what}", total=len(cases), status="")

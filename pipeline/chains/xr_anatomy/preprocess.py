@@ -117,11 +117,6 @@ def labels_to_grid(labels: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     return resized[0, 0].to(torch.uint8).numpy()
 
 
-def labels_to_input_grid(labels: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """A full-resolution class map down to the segmenter's grid (for training targets)."""
-    return labels_to_grid(labels, size)
-
-
 # ---------------------------------------------------------------------------- classification
 @dataclass(frozen=True)
 class ClassificationSettings:

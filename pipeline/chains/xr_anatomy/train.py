@@ -49,6 +49,7 @@ from pipeline.packs import HELD_OUT, ModelPack, update_evaluation, write_pack
 from pipeline.training import count_parameters, split_by_patient
 
 from .data import LEFT_ILIUM, RIGHT_ILIUM, SACRUM, PhantomRadiograph, find_radiographs
+from .importer import PUBLISHED_THRESHOLD
 from .joints import Box, JointRegionError, ilium_classes, joint_regions
 from .model import Networks, build_networks
 from .preprocess import (
@@ -56,7 +57,7 @@ from .preprocess import (
     SegmentationSettings,
     classifier_input,
     classifier_transform,
-    labels_to_input_grid,
+    labels_to_grid,
     plain,
     radiograph_gray,
     segmenter_input,
@@ -84,7 +85,7 @@ DEMO_PREPROCESSING: dict[str, Any] = {
         "clahe_clip_limit": 0.01,
     },
 }
-THRESHOLD = 0.59
+THRESHOLD = PUBLISHED_THRESHOLD  # the demo pack operates where the published model did
 SEGMENTER_EPOCHS = 20
 CLASSIFIER_EPOCHS = 45
 VALIDATION_FRACTION = 0.15
@@ -131,7 +132,7 @@ def prepare(
         truth = study.anatomy_labels()
         lesions = study.lesion_mask()
         columns["images"].append(segmenter_input(gray, segmentation)[0].half())
-        columns["targets"].append(torch.as_tensor(labels_to_input_grid(truth, segmentation.size))[None])
+        columns["targets"].append(torch.as_tensor(labels_to_grid(truth, segmentation.size))[None])
         # The phantom is displayed L\F: the left ilium lies on the image's right.
         box = joint_regions(truth, ilium_classes(truth, LEFT_ILIUM, RIGHT_ILIUM, True), SACRUM).box
         for suffix, region in (("", box), ("_jittered", jitter_box(box, gray.shape, rng))):
