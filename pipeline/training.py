@@ -2,7 +2,7 @@
 
 Each chain's module provides ``train(data, out, *, epochs, seed, progress) -> ModelPack`` and
 ``evaluate(pack, data, out) -> dict``; this registry finds it by chain name without importing
-torch until a command needs it. The helpers every trainer shares (the patient-wise split, the
+torch until a command needs it. The helpers every trainer shares (the patient-wise split, seed ranges, the
 parameter count) live here too.
 """
 
@@ -79,6 +79,21 @@ def split_by_patient(
     if not train or not validation:
         raise ValueError(f"{len(items)} studies cannot be split into training and validation; give more studies")
     return train, validation
+
+
+def seed_ranges(seeds: Sequence[int]) -> str:
+    """Phantom seeds as compact ranges, e.g. '0-119, 200-219'."""
+    ordered = sorted(set(seeds))
+    parts: list[str] = []
+    start = previous = None
+    for seed in ordered + [None]:
+        if seed is not None and previous is not None and seed == previous + 1:
+            previous = seed
+            continue
+        if start is not None:
+            parts.append(str(start) if start == previous else f"{start}-{previous}")
+        start = previous = seed
+    return ", ".join(parts)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -475,10 +475,13 @@ def test_unknown_or_mistyped_options_are_refused() -> None:
 
 
 def test_training_split_keeps_a_patients_studies_together() -> None:
-    studies = [PhantomRadiograph(Path(f"/nowhere/S-{i}"), Path(f"/nowhere/S-{i}/1.dcm"), i % 2 == 0, (0, 0)) for i in range(12)]
-    truths = [{"patient_id": "PAT-0" if i < 2 else f"PAT-{i}"} for i in range(12)]  # studies 0 and 1: one patient
+    studies = [
+        # studies 0 and 1: one patient
+        PhantomRadiograph(Path(f"/nowhere/S-{i}"), Path(f"/nowhere/S-{i}/1.dcm"), i % 2 == 0, (0, 0), "PAT-0" if i < 2 else f"PAT-{i}", i)
+        for i in range(12)
+    ]
     for seed in range(10):
-        train_idx, val_idx = split(studies, truths, seed)
+        train_idx, val_idx = split(studies, seed)
         assert sorted(train_idx + val_idx) == list(range(12))
         assert (0 in val_idx) == (1 in val_idx), seed
 

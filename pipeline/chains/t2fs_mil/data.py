@@ -19,6 +19,7 @@ import torch
 from pydicom import Dataset, dcmread
 
 from pipeline.chains.t2fs_mil.preprocess import preprocess_series
+from pipeline.training import seed_ranges
 
 GROUND_TRUTH = "ground_truth.json"
 MASKS = "masks.npz"
@@ -102,21 +103,6 @@ LESION_WORDS = {"random": "random lesions", "none": "no lesions", "spec": "lesio
 def describe_seeds(summary: dict) -> str:
     """'seeds 0-119: random lesions; seeds 200-219: no lesions' from :func:`describe`'s ``lesions``."""
     return "; ".join(f"seeds {seeds}: {LESION_WORDS[source]}" for source, seeds in sorted(summary["lesions"].items(), key=lambda item: item[0] != "random"))
-
-
-def seed_ranges(seeds: Sequence[int]) -> str:
-    """Seeds as compact ranges, e.g. '0-119, 200-219'."""
-    ordered = sorted(set(seeds))
-    parts: list[str] = []
-    start = previous = None
-    for seed in ordered + [None]:
-        if seed is not None and previous is not None and seed == previous + 1:
-            previous = seed
-            continue
-        if start is not None:
-            parts.append(str(start) if start == previous else f"{start}-{previous}")
-        start = previous = seed
-    return ", ".join(parts)
 
 
 def find_cases(data: Path) -> list[Case]:

@@ -64,6 +64,8 @@ class PhantomRadiograph:
     image: Path  # the radiograph's DICOM file
     positive: bool  # radiographic sacroiliitis (mNY criterion)
     grades: tuple[int, int]  # mNY grade (left, right)
+    patient_id: str  # the phantom's PatientID: a training split keeps a patient's studies together
+    seed: int  # the phantom's generator seed
 
     def dataset(self) -> Dataset:
         return dcmread(self.image)
@@ -120,6 +122,8 @@ def find_radiographs(data: Path) -> list[PhantomRadiograph]:
                 image=images[0],
                 positive=bool(truth["labels"]["radiographic_sacroiliitis"]),
                 grades=(int(grades["left"]), int(grades["right"])),
+                patient_id=str(truth["patient_id"]),
+                seed=int(truth["seed"]),
             )
         )
     if not found:

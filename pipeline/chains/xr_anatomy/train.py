@@ -46,7 +46,7 @@ from pipeline.evaluation import (
     threshold_metrics,
 )
 from pipeline.packs import HELD_OUT, ModelPack, update_evaluation, write_pack
-from pipeline.training import count_parameters, split_by_patient
+from pipeline.training import count_parameters, seed_ranges, split_by_patient
 
 from .data import LEFT_ILIUM, RIGHT_ILIUM, SACRUM, PhantomRadiograph, find_radiographs
 from .importer import PUBLISHED_THRESHOLD
@@ -151,18 +151,13 @@ def prepare(
     return tensors
 
 
-def ground_truth(study: PhantomRadiograph) -> dict[str, Any]:
-    """The study's ``ground_truth.json``."""
-    return json.loads((study.folder / "ground_truth.json").read_text())
-
-
-def split(studies: Sequence[PhantomRadiograph], truths: Sequence[dict[str, Any]], seed: int) -> tuple[list[int], list[int]]:
-    """Seeded training / validation indices, patient-wise and stratified by label (``truths``: each study's ground truth)."""
+def split(studies: Sequence[PhantomRadiograph], seed: int) -> tuple[list[int], list[int]]:
+    """Seeded training / validation indices, patient-wise and stratified by label."""
     return split_by_patient(
         range(len(studies)),
         VALIDATION_FRACTION,
         seed,
-        patient=lambda i: str(truths[i]["patient_id"]),
+        patient=lambda i: studies[i].patient_id,
         label=lambda i: studies[i].positive,
     )
 
@@ -359,8 +354,7 @@ def train(data: Path, out: Path, *, epochs: int | None = None, seed: int = 0, pr
     torch.manual_seed(seed)
     started = time.perf_counter()
     studies = find_radiographs(data)
-    truths = [ground_truth(study) for study in studies]
-    train_idx, val_idx = split(studies, truths, seed)
+    train_idx, val_idx = split(studies, seed)
     _log(progress, f"xr-anatomy: {len(studies)} phantom radiographs ({len(train_idx)} training, {len(val_idx)} validation)")
     tensors = prepare(studies, DEMO_PREPROCESSING, seed, progress)
     prepared_s = time.perf_counter() - started
@@ -373,7 +367,6 @@ def train(data: Path, out: Path, *, epochs: int | None = None, seed: int = 0, pr
     )
     validation = _validate_pipeline(networks, [studies[i] for i in val_idx], progress)
     elapsed = time.perf_counter() - started
-    seeds = sorted(truth["seed"] for truth in truths)
     manifest = {
         "name": "xr-anatomy-demo",
         "version": "1.0.0",
@@ -398,7 +391,7 @@ def train(data: Path, out: Path, *, epochs: int | None = None, seed: int = 0, pr
         ],
         "training_data": (
             f"{len(studies)} phantom AP pelvic radiographs (pipeline.phantom {GENERATOR_VERSION}, seeds "
-            f"{seeds[0]}-{seeds[-1]}, {sum(s.positive for s in studies)} with radiographic sacroiliitis), "
+            f"{seed_ranges([s.seed for s in studies])}, {sum(s.positive for s in studies)} with radiographic sacroiliitis), "
             f"{len(train_idx)} for training and {len(val_idx)} for validation; segmentation targets from "
             "the phantom's sacrum and ilium masks, labels from the phantom's modified New York grades."
         ),
@@ -507,27 +500,24 @@ def evaluate(pack: ModelPack, data: Path, out: Path) -> dict[str, Any]:
     (out / "evaluation.md").write_text(_markdown(pack, metrics, summary, data))
     if out.resolve() == pack.folder.resolve():
         # the manifest then says what the pack was measured to do
-        update_evaluation(pack, HELD_OUT, held_out_summary(metrics, summary, data))
+        update_evaluation(pack, HELD_OUT, held_out_summary(metrics, summary, studies))
     return {"variants": {"": metrics}, "roc_png": str(roc), "report": str(report_path), **summary}
 
 
-def held_out_summary(metrics: dict[str, dict[str, float]], summary: dict[str, Any], data: Path) -> dict[str, Any]:
+def held_out_summary(
+    metrics: dict[str, dict[str, float]], summary: dict[str, Any], studies: Sequence[PhantomRadiograph]
+) -> dict[str, Any]:
     """The held-out evaluation as the manifest records it (``evaluation.held_out``)."""
     return {
         "data": (
-            f"{summary['n']} phantom radiographs ({rows_span(data)}, {summary['positives']} with radiographic "
+            f"{summary['n']} phantom radiographs (seeds {seed_ranges([s.seed for s in studies])}, "
+            f"{summary['positives']} with radiographic "
             "sacroiliitis), none among the training studies"
         ),
         **{name: {k: round(v, 4) for k, v in m.items()} for name, m in metrics.items()},
         "segmentation_dice_mean": summary["segmentation_dice_mean"],
         "report": "evaluation.md",
     }
-
-
-def rows_span(data: Path) -> str:
-    """The first and last study folder of a data set, e.g. 'SYNTH-5000 to SYNTH-5079'."""
-    names = [study.folder.name for study in find_radiographs(data)]
-    return f"{names[0]} to {names[-1]}" if len(names) > 1 else names[0]
 
 
 def _markdown(pack: ModelPack, metrics: dict[str, dict[str, float]], summary: dict[str, Any], data: Path) -> str:
