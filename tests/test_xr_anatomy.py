@@ -559,3 +559,30 @@ def test_chain_produces_the_sr_and_two_heatmaps(demo_chain: XRAnatomyChain, phan
         assert (heatmap.Rows, heatmap.Columns) == (phantoms["positive"].dataset.Rows, phantoms["positive"].dataset.Columns)
         assert str(heatmap.StudyInstanceUID) == str(phantoms["positive"].dataset.StudyInstanceUID)
     assert set(demo_chain.timings) >= {"segmentation", "joint region", "classification", "grad-cam", "encode"}
+
+
+def test_train_and_evaluate_write_a_pack_that_records_its_data_and_held_out_numbers(tmp_path: Path) -> None:
+    """`sijnode train xr-anatomy` then `sijnode evaluate`, one epoch on a few phantoms."""
+    from pipeline.packs import HELD_OUT
+    from pipeline.training import evaluate_pack, train_chain
+
+    for seed in range(8):
+        write_study(generate_study(seed, kinds=("xr",)), tmp_path / "train")
+    for seed in range(100, 104):
+        write_study(generate_study(seed, kinds=("xr",)), tmp_path / "held-out")
+
+    pack = train_chain("xr-anatomy", tmp_path / "train", tmp_path / "pack", epochs=1, progress=False)
+    assert pack.manifest.chain == "xr-anatomy" and pack.manifest.demo
+    assert "8 phantom AP pelvic radiographs (pipeline.phantom" in pack.manifest.training_data
+    assert "seeds 0-7," in pack.manifest.training_data
+    weights = pack.manifest.weights.sha256
+
+    report = evaluate_pack(pack.folder, tmp_path / "held-out")
+    assert set(report["variants"][""]) >= {"auc", "sensitivity", "specificity"}
+    assert (pack.folder / "roc.png").is_file() and (pack.folder / "evaluation.md").is_file()
+    again = load_pack(pack.folder)
+    again.verify()
+    assert again.manifest.weights.sha256 == weights, "evaluation rewrites the manifest, never the weights"
+    held_out = again.manifest.evaluation[HELD_OUT]
+    assert held_out["data"].startswith("4 phantom radiographs (seeds 100-103, ")
+    assert held_out["auc"]["value"] == pytest.approx(report["variants"][""]["auc"]["value"], abs=1e-4)
