@@ -233,6 +233,11 @@ def _dice(segmenter: nn.Module, data: dict[str, torch.Tensor], index: list[int])
     return scores
 
 
+def _dice_score(predicted: np.ndarray, actual: np.ndarray) -> float:
+    """Dice of two boolean masks (0 when both are empty)."""
+    return 2 * float((predicted & actual).sum()) / max(int(predicted.sum() + actual.sum()), 1)
+
+
 class LesionProbe(nn.Module):
     """Training only: a 1×1 convolution on the classifier's third stage that predicts where the
     radiograph shows lesions. Two hundred labels of "radiographic sacroiliitis yes/no" say little
@@ -459,12 +464,9 @@ def evaluate(pack: ModelPack, data: Path, out: Path) -> dict[str, Any]:
             rows.append({"study": study.folder.name, "label": int(study.positive), "probability": 0.0, "error": str(error)})
             continue
         labels = analysis.labels
-        dice = {}
-        for side in ("left", "right"):
-            predicted, actual = labels == analysis.classes[side], truth == (LEFT_ILIUM if side == "left" else RIGHT_ILIUM)
-            dice[f"{side}_ilium"] = 2 * float((predicted & actual).sum()) / max(int(predicted.sum() + actual.sum()), 1)
-        predicted, actual = labels == SACRUM, truth == SACRUM
-        dice["sacrum"] = 2 * float((predicted & actual).sum()) / max(int(predicted.sum() + actual.sum()), 1)
+        # the network's ilium classes by patient side (it may have swapped them), against the truth's
+        classes = (("sacrum", SACRUM, SACRUM), ("left_ilium", analysis.classes["left"], LEFT_ILIUM), ("right_ilium", analysis.classes["right"], RIGHT_ILIUM))
+        dice = {name: _dice_score(labels == found, truth == expected) for name, found, expected in classes}
         coverage = {side: float(joints[side][analysis.crop.box.slices].sum()) / max(int(joints[side].sum()), 1) for side in joints}
         rows.append(
             {
