@@ -8,8 +8,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from node import metrics
 from node.config import Config
 from node.logs import log_event
+from node.uids import short_uid
 from pipeline.classify import classify_series
 from pipeline.route import SeriesCandidate, plan_routing
 from storage.store import NewJob, SeriesDecision, Store
@@ -63,10 +65,14 @@ def complete_study(store: Store, config: Config, study_uid: str, new_version: bo
     if not jobs:
         note = f"no applicable chain ({note})"
     version = store.complete_study(study_uid, study.last_received_at, decisions, jobs, note, new_version=new_version)
+    if version is not None:
+        metrics.study_completed()
     log_event(
         log,
         logging.INFO,
-        "study complete" if version is not None else "study received more instances; completion postponed",
+        f"study complete: {short_uid(study_uid)} version {version}, jobs: {', '.join(job.chain for job in jobs) or 'none'}"
+        if version is not None
+        else f"study {short_uid(study_uid)} received more instances; completion postponed",
         study_uid=study_uid,
         version=version,
         jobs=[job.chain for job in jobs],

@@ -7,6 +7,7 @@ config.yaml works from any working directory.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -132,6 +133,16 @@ class LoggingConfig(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "text"] = "json"
     file: Path | None = None  # default: standard error (journald under systemd)
+    # pynetdicom, pydicom, highdicom, MONAI...: their INFO is per PDU or per encoded object.
+    libraries: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
+
+
+class MetricsConfig(_Strict):
+    """Prometheus ``/metrics`` and ``/health`` over HTTP (node/metrics.py)."""
+
+    enabled: bool = True
+    bind: str = "127.0.0.1"  # loopback: put a reverse proxy or an SSH tunnel in front to scrape remotely
+    port: Port = 9112
 
 
 class Config(_Strict):
@@ -146,6 +157,7 @@ class Config(_Strict):
     classification: ClassificationConfig = ClassificationConfig()
     chains: list[ChainSpec] = []
     logging: LoggingConfig = LoggingConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     @model_validator(mode="after")
     def _unique_names(self) -> "Config":
@@ -202,11 +214,48 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     return config
 
 
-def _describe(error: ValidationError) -> str:
+def _key_path(location: tuple[Any, ...], data: Any) -> tuple[str, type[BaseModel] | None]:
+    """``peers[pacs].port`` for pydantic's ``peers.0.port``: list entries by their ``name``.
+
+    Also returns the model the last part belongs to, for suggesting a valid key.
+    """
+    text = ""
+    model: type[BaseModel] | None = Config
+    node: Any = data
+    for part in location:
+        if isinstance(part, int):
+            name = node[part].get("name") if isinstance(node, list) and part < len(node) and isinstance(node[part], dict) else None
+            text += f"[{name}]" if name else f"[{part}]"
+            node = node[part] if isinstance(node, list) and part < len(node) else None
+            continue
+        text += f".{part}" if text else str(part)
+        field = model.model_fields.get(str(part)) if model is not None else None
+        model = _model_of(field.annotation) if field is not None else None
+        node = node.get(part) if isinstance(node, dict) else None
+    return text, model
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The config section model inside an annotation such as ``list[PeerConfig]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for argument in getattr(annotation, "__args__", ()):
+        if (found := _model_of(argument)) is not None:
+            return found
+    return None
+
+
+def _describe(error: ValidationError, data: Any) -> str:
     lines = []
     for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        lines.append(f"{key}: {item['msg']}")
+        key, _ = _key_path(item["loc"], data)
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            _, parent = _key_path(item["loc"][:-1], data)
+            known = list(parent.model_fields) if parent is not None else []
+            close = difflib.get_close_matches(str(item["loc"][-1]), known, n=1, cutoff=0.6)
+            message = "unknown key" + (f"; did you mean {close[0]!r}?" if close else (f" (known: {', '.join(known)})" if known else ""))
+        lines.append(f"{key or '(top level)'}: {message}")
     return "\n".join(lines)
 
 
@@ -215,7 +264,7 @@ def parse_config(data: dict[str, Any], base: Path) -> Config:
     try:
         return _resolve_paths(Config.model_validate(data), base)
     except ValidationError as error:
-        raise ConfigError(_describe(error)) from None
+        raise ConfigError(_describe(error, data)) from None
 
 
 def load_config(path: Path | str) -> Config:

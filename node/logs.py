@@ -44,7 +44,7 @@ class JSONFormatter(logging.Formatter):
         entry.update(getattr(record, "fields", {}))
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+        return json.dumps(entry, default=str, ensure_ascii=False)  # journald takes UTF-8: short UIDs keep their …
 
 
 class TextFormatter(logging.Formatter):
@@ -57,16 +57,30 @@ class TextFormatter(logging.Formatter):
         return text + "".join(f" {key}={value}" for key, value in fields.items())
 
 
-def setup_logging(level: str = "INFO", fmt: str = "json", file: Path | None = None) -> None:
-    """Configure the root logger once per process."""
+#: Libraries whose INFO is chatter for an admin: pynetdicom logs every PDU and association,
+#: highdicom ~50 lines per encoded study, alembic every migration check.
+LIBRARY_LOGGERS = ("pynetdicom", "pydicom", "highdicom", "monai", "alembic", "PIL", "matplotlib", "urllib3", "safetensors")
+
+
+def setup_logging(level: str = "INFO", fmt: str = "json", file: Path | None = None, libraries: str = "WARNING") -> None:
+    """Configure the root logger once per process; ``libraries``: the level of LIBRARY_LOGGERS."""
     handler: logging.Handler = logging.FileHandler(file) if file else logging.StreamHandler(sys.stderr)
     handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(PHIFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
-    # pynetdicom is chatty at INFO (every association); keep it to warnings unless debugging.
-    logging.getLogger("pynetdicom").setLevel(level if level == "DEBUG" else "WARNING")
+    set_levels(level, libraries)
+
+
+def set_levels(level: str, libraries: str = "WARNING") -> None:
+    """The node's own level and the libraries' (also on a config reload)."""
+    logging.getLogger().setLevel(level)
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(libraries)
+    # pynetdicom logs a refused or rejected association as two or three ERROR lines; the node
+    # logs each such failure once, with its cause, so pynetdicom's own show only when debugging.
+    if logging.getLevelName(libraries) >= logging.WARNING:
+        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
 
 
 def log_event(logger: logging.Logger, level: int, message: str, **fields: Any) -> None:

@@ -7,10 +7,12 @@ C-STORE failure status and the association carries on.
 
 from __future__ import annotations
 
+import collections
 import io
 import ipaddress
 import logging
 import ssl
+import threading
 from dataclasses import dataclass
 
 from pydicom import Dataset, dcmread
@@ -35,8 +37,10 @@ from pynetdicom.sop_class import (
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
+from node import metrics
 from node.config import Config
 from node.logs import log_event
+from node.uids import short_uid
 from pipeline.classify import header_summary
 from storage.spool import Spool, SpoolFullError
 from storage.store import IncomingInstance, Store
@@ -201,6 +205,7 @@ class StoreRequest:
     # The instance as a DICOM file: preamble, file meta (from the presentation context) and
     # the dataset exactly as received.
     encoded: bytes
+    study_uid: str | None = None  # filled in once the dataset is read
 
 
 class Receiver:
@@ -211,6 +216,9 @@ class Receiver:
         self.store = store
         self.spool = spool
         self.server: ThreadedAssociationServer | None = None
+        # Instances stored per open association and study, for one "study received" line each.
+        self._received: dict[int, collections.Counter[str]] = {}
+        self._received_lock = threading.Lock()
 
     # -- pynetdicom event handlers ------------------------------------------------------------
 
@@ -223,9 +231,46 @@ class Receiver:
         if not address_allowed(event.address[0], self.config.receiver.allowed_source_addresses):
             event.assoc.acse = _SourceAddressRejectingACSE(event.assoc)
 
+    def handle_accepted(self, event: evt.Event) -> None:
+        """EVT_ACCEPTED: an association is open (metrics)."""
+        with self._received_lock:
+            self._received[id(event.assoc)] = collections.Counter()
+        metrics.association_accepted()
+
+    def handle_conn_close(self, event: evt.Event) -> None:
+        """EVT_CONN_CLOSE: an accepted association ended (released or aborted); one line per study it brought."""
+        with self._received_lock:
+            received = self._received.pop(id(event.assoc), None)
+        if received is None:
+            return  # rejected, never accepted
+        metrics.association_closed()
+        for study_uid, count in received.items():
+            log_event(
+                log,
+                logging.INFO,
+                f"study received: {count} instance(s) of study {short_uid(study_uid)} from {event.assoc.requestor.ae_title}",
+                study_uid=study_uid,
+                instances=count,
+                calling_ae=event.assoc.requestor.ae_title,
+                aborted=event.assoc.is_aborted,
+            )
+
+    def apply_config(self, config: Config) -> None:
+        """Take a reloaded config: allowlists apply to the next association, open ones carry on."""
+        self.config = config
+        if self.server is not None:
+            self.server.ae.require_calling_aet = self._calling_ae_allowlist()
+
+    def _calling_ae_allowlist(self) -> list[str]:
+        if self.config.receiver.allow_any_calling_ae:
+            return []  # pynetdicom: an empty list accepts any calling AE title
+        # An empty list would switch pynetdicom's check off; a title nobody uses keeps it on.
+        return self.config.allowed_calling_ae_titles or ["\x00NO-PEERS"]
+
     def handle_rejected(self, event: evt.Event) -> None:
         """EVT_REJECTED: count and log each rejection once, by its cause."""
         by_address = isinstance(event.assoc.acse, _SourceAddressRejectingACSE)
+        metrics.association_rejected("address" if by_address else "calling-ae")
         self.store.count("associations_rejected_address" if by_address else "associations_rejected")
         log_event(
             log,
@@ -243,7 +288,14 @@ class Receiver:
             calling_ae_title=event.assoc.requestor.ae_title,
             encoded=event.encoded_dataset(include_meta=True),
         )
-        return self.store_instance(request)
+        status = self.store_instance(request)
+        metrics.instance_answered(status)
+        if status == Status.SUCCESS:
+            with self._received_lock:
+                received = self._received.get(id(event.assoc))
+                if received is not None and request.study_uid:
+                    received[request.study_uid] += 1
+        return status
 
     # -- the receive stage --------------------------------------------------------------------
 
@@ -304,6 +356,7 @@ class Receiver:
                 Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOP Class/Instance UID differ from the C-STORE request"
             )
         _check_pixel_length(dataset)
+        request.study_uid = uids["StudyInstanceUID"]
         relative = self.spool.instance_path(uids["StudyInstanceUID"], uids["SeriesInstanceUID"], uids["SOPInstanceUID"])
         if self.config.storage.duplicates == "keep-first" and self.spool.exists(relative):
             size = 0  # idempotent: the first copy stays (the path is derived from the UIDs)
@@ -349,9 +402,7 @@ class Receiver:
         ae.network_timeout = settings.network_timeout_s
         ae.acse_timeout = settings.network_timeout_s
         ae.dimse_timeout = settings.network_timeout_s
-        if not settings.allow_any_calling_ae:
-            # An empty list would switch pynetdicom's check off; a title nobody uses keeps it on.
-            ae.require_calling_aet = self.config.allowed_calling_ae_titles or ["\x00NO-PEERS"]
+        ae.require_calling_aet = self._calling_ae_allowlist()
         return ae
 
     def start(self) -> ThreadedAssociationServer:
@@ -362,6 +413,8 @@ class Receiver:
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_CONN_OPEN, self.handle_conn_open),
             (evt.EVT_REJECTED, self.handle_rejected),
+            (evt.EVT_ACCEPTED, self.handle_accepted),
+            (evt.EVT_CONN_CLOSE, self.handle_conn_close),
         ]
         self.server = self.build_ae().start_server(
             (settings.bind, settings.port), block=False, evt_handlers=handlers, ssl_context=server_ssl_context(self.config)

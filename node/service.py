@@ -16,9 +16,12 @@ import tempfile
 import threading
 from datetime import datetime
 
+from node import metrics
+from node.checks import config_problems
 from node.completion import complete_due_studies
-from node.config import Config
-from node.logs import log_event
+from node.config import Config, ConfigError, load_config
+from node.heartbeat import HEARTBEAT_NAME, HEARTBEAT_SECONDS, still_running
+from node.logs import log_event, set_levels
 from node.receiver import Receiver
 from node.sender import Sender
 from node.worker import worker_main
@@ -28,8 +31,50 @@ from storage.store import Store, open_store
 
 log = logging.getLogger("sijnode.service")
 
-HEARTBEAT_NAME = "service"
-HEARTBEAT_SECONDS = 5.0
+
+# What a reload (SIGHUP) changes in the running service; everything else needs a restart
+# (listening socket, TLS, database and spool, worker count and device, metrics endpoint).
+RELOADABLE_RECEIVER_KEYS = ("extra_calling_ae_titles", "allow_any_calling_ae", "allowed_source_addresses")
+RELOADABLE_WORKER_KEYS = ("max_attempts", "lease_seconds")
+RELOADABLE_LOGGING_KEYS = ("level", "libraries")
+RELOADABLE_SECTIONS = ("study", "dispatch", "peers", "classification", "chains")
+
+
+class ServiceStartError(Exception):
+    """The service cannot start (a port in use, ...); the message is one line for the admin."""
+
+
+def reloadable_part(running: Config, new: Config) -> tuple[Config, list[str], list[str]]:
+    """The config to run after a reload: ``new`` where a reload can apply it, ``running`` elsewhere.
+
+    Returns it with the changed keys it applies and the changed keys that wait for a restart.
+    """
+    def take(section: str, keys: tuple[str, ...]):  # noqa: ANN202 (a config section model)
+        return getattr(running, section).model_copy(update={key: getattr(getattr(new, section), key) for key in keys})
+
+    effective = new.model_copy(
+        update={
+            "receiver": take("receiver", RELOADABLE_RECEIVER_KEYS),
+            "workers": take("workers", RELOADABLE_WORKER_KEYS),
+            "logging": take("logging", RELOADABLE_LOGGING_KEYS),
+            "storage": running.storage,
+            "metrics": running.metrics,
+        }
+    )
+    applied = _changed_keys(running.model_dump(), effective.model_dump())
+    waiting = _changed_keys(effective.model_dump(), new.model_dump())
+    return effective, applied, waiting
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changed.append(f"{prefix}{key}")
+    return changed
 
 
 class Service:
@@ -37,9 +82,13 @@ class Service:
         self.config = config
         self.config_path = config_path
         self.stop_event = threading.Event()
+        self.reload_event = threading.Event()
         self.started_at: datetime = utcnow()
+        # Before anything records a metric, and before workers start (they inherit it).
+        metrics.prepare_multiprocess(config.storage.data_dir / "metrics")
         self.store: Store = open_store(config.database_url)
         self.spool = Spool(config.storage.data_dir, config.storage.free_space_reserve_mb)
+        self.metrics_server: metrics.MetricsServer | None = None
         # pynetdicom and pydicom temporary files land on the spool's filesystem.
         tempfile.tempdir = str(self.spool.tmp_dir)
         self.receiver = Receiver(config, self.store, self.spool)
@@ -67,6 +116,8 @@ class Service:
             "port": self.config.receiver.port,
             "workers": sum(p.is_alive() for p in self._workers.values()),
             "spool_free_bytes": self.spool.free_bytes(),
+            "config": self.config_path,
+            "metrics": f"http://{self.config.metrics.bind}:{self.metrics_server.port}" if self.metrics_server else None,
         }
         self.store.beat(HEARTBEAT_NAME, os.getpid(), socket.gethostname(), self.started_at, detail)
 
@@ -78,7 +129,7 @@ class Service:
         Nothing is taken back while another service on this database still beats.
         """
         previous = self.store.heartbeat(HEARTBEAT_NAME)
-        if previous is not None and _still_running(*previous):
+        if previous is not None and still_running(*previous):
             pid, host, _ = previous
             log_event(log, logging.WARNING, "another service shares this database; its claims are left to expire", pid=pid, host=host)
             return
@@ -86,12 +137,64 @@ class Service:
         if jobs or deliveries:
             log_event(log, logging.INFO, "took back work left claimed by the previous run", jobs=jobs, deliveries=deliveries)
 
+    def reload(self) -> bool:
+        """Re-read config.yaml (SIGHUP): peers, allowlists, classification rules, chains, study and
+        dispatch settings apply to what comes next; open associations and running jobs carry on.
+        An invalid file is refused and the running config stays."""
+        try:
+            new = load_config(self.config_path)
+            problems = config_problems(new)
+            if problems:
+                raise ConfigError("\n".join(problems))
+        except ConfigError as error:
+            metrics.config_reloaded(False)
+            log_event(log, logging.ERROR, f"config reload refused, the running config stays: {error}", config=self.config_path)
+            return False
+        effective, applied, waiting = reloadable_part(self.config, new)
+        self.config = effective
+        self.receiver.apply_config(effective)
+        self.sender.config = effective
+        set_levels(effective.logging.level, effective.logging.libraries)
+        for process in self._workers.values():
+            if process.is_alive() and process.pid:
+                os.kill(process.pid, signal.SIGHUP)  # each reloads between jobs
+        metrics.config_reloaded(True)
+        log_event(
+            log,
+            logging.INFO,
+            "config reloaded: " + (", ".join(applied) or "no change")
+            + (f"; needs a restart to apply: {', '.join(waiting)}" if waiting else ""),
+            applied=applied,
+            needs_restart=waiting,
+        )
+        return True
+
+    def _listen(self) -> None:
+        """Open the DICOM port and the metrics port, or say in one line why not."""
+        settings = self.config.receiver
+        try:
+            self.receiver.start()
+        except OSError as error:
+            raise ServiceStartError(f"cannot listen for DICOM on {settings.bind}:{settings.port}: {error.strerror or error}") from None
+        if self.config.metrics.enabled:
+            bind, port = self.config.metrics.bind, self.config.metrics.port
+            try:
+                self.metrics_server = metrics.MetricsServer(
+                    bind, port, self.store, self.spool, lambda: [peer.name for peer in self.config.destinations]
+                )
+            except OSError as error:
+                self.receiver.stop()
+                raise ServiceStartError(f"cannot serve metrics on {bind}:{port}: {error.strerror or error} (metrics.port)") from None
+            self.metrics_server.start()
+            log_event(log, logging.INFO, f"metrics on http://{bind}:{self.metrics_server.port}/metrics and /health")
+
     def run(self) -> None:
-        """Run until SIGTERM/SIGINT."""
+        """Run until SIGTERM/SIGINT; SIGHUP reloads the config."""
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: self.stop_event.set())
+        signal.signal(signal.SIGHUP, lambda *_: self.reload_event.set())
         # Listening first: a second service on the same port fails here, before touching claims.
-        self.receiver.start()
+        self._listen()
         self._take_back_claims()
         for index in range(self.config.workers.processes):
             self._start_worker(index)
@@ -100,6 +203,9 @@ class Service:
         last_beat = 0.0
         try:
             while not self.stop_event.is_set():
+                if self.reload_event.is_set():
+                    self.reload_event.clear()
+                    self.reload()
                 now = utcnow().timestamp()
                 if now - last_beat >= HEARTBEAT_SECONDS:
                     self._beat()
@@ -115,6 +221,8 @@ class Service:
 
     def shutdown(self) -> None:
         log_event(log, logging.INFO, "service stopping")
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         self.receiver.stop()
         self.sender.stop()
         for process in self._workers.values():
@@ -129,18 +237,3 @@ class Service:
         finally:
             self.store.dispose()
         log_event(log, logging.INFO, "service stopped")
-
-
-def _still_running(pid: int, host: str, beat_at: datetime) -> bool:
-    """Whether the service that wrote a heartbeat is alive: by its pid on this host, else by its age."""
-    if host != socket.gethostname():
-        return (utcnow() - beat_at).total_seconds() < 3 * HEARTBEAT_SECONDS
-    if pid == os.getpid():
-        return False  # a restart that got the same pid (e.g. in a container)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # alive, under another user
-    return True

@@ -13,13 +13,16 @@ import os
 import signal
 import socket
 import threading
+import time
 import traceback
 from pathlib import Path
 
 from pydicom import dcmwrite
 
-from node.config import Config, load_config
-from node.logs import log_event, setup_logging
+from node import metrics
+from node.config import Config, ConfigError, load_config
+from node.logs import log_event, set_levels, setup_logging
+from node.uids import short_uid
 from pipeline.chains import Chain, RuntimeSettings, SeriesInput, StudyInputs, load_chain
 from pipeline.route import ChainSpec
 from storage.spool import Spool
@@ -39,6 +42,15 @@ class Worker:
         self._chains: dict[str, Chain] = {}
         self.runtime = RuntimeSettings(device=config.workers.device, torch_threads=config.workers.torch_threads)
 
+    def apply_config(self, config: Config) -> None:
+        """Take a reloaded config between jobs: chain options and destinations apply to the next
+        job; a chain whose spec changed is loaded again."""
+        old = {spec.name: spec for spec in self.config.chains}
+        for spec in config.chains:
+            if old.get(spec.name) != spec:
+                self._chains.pop(spec.name, None)
+        self.config = config
+
     def spec(self, name: str) -> ChainSpec:
         for spec in self.config.chains:
             if spec.name == name:
@@ -56,7 +68,8 @@ class Worker:
         job = self.store.claim_job(self.name, settings.lease_seconds, settings.max_attempts)
         if job is None:
             return False
-        log_event(log, logging.INFO, "job started", job_id=job.id, chain=job.chain, study_uid=job.study_uid, attempt=job.attempts)
+        log_event(log, logging.DEBUG, "job started", job_id=job.id, chain=job.chain, study_uid=job.study_uid, attempt=job.attempts)
+        started = time.monotonic()
         stop_renewing = threading.Event()
         renewer = threading.Thread(target=self._renew_lease, args=(job.id, stop_renewing), daemon=True)
         renewer.start()
@@ -64,14 +77,35 @@ class Worker:
             produced = self._run(job)
         except Exception as error:
             state = self.store.fail_job(job.id, self.name, _describe(error), settings.max_attempts)
-            log_event(log, logging.ERROR, "job failed", job_id=job.id, chain=job.chain, error=f"{type(error).__name__}: {error}", state=state)
+            metrics.job_finished(job.chain, "failed", time.monotonic() - started)
+            log_event(
+                log,
+                logging.ERROR,
+                f"job failed: {job.chain} on study {short_uid(job.study_uid)}: {type(error).__name__}: {error}"
+                + ("" if state == "failed" else f" (attempt {job.attempts} of {settings.max_attempts}; will retry)"),
+                job_id=job.id,
+                chain=job.chain,
+                study_uid=job.study_uid,
+                state=state,
+            )
             return True
         finally:
             stop_renewing.set()
             renewer.join()
         destinations = [peer.name for peer in self.config.destinations]
         if self.store.finish_job(job.id, self.name, produced, destinations):
-            log_event(log, logging.INFO, "job done", job_id=job.id, chain=job.chain, outputs=len(produced), destinations=destinations)
+            seconds = time.monotonic() - started
+            metrics.job_finished(job.chain, "done", seconds)
+            log_event(
+                log,
+                logging.INFO,
+                f"job done: {job.chain} on study {short_uid(job.study_uid)}, {len(produced)} object(s) in {seconds:.1f} s",
+                job_id=job.id,
+                chain=job.chain,
+                study_uid=job.study_uid,
+                outputs=len(produced),
+                destinations=destinations,
+            )
         else:
             log_event(log, logging.WARNING, "job result discarded: the job was taken over", job_id=job.id)
         return True
@@ -118,15 +152,27 @@ def worker_main(config_path: str, index: int, poll_seconds: float = 1.0) -> None
     waiting on such an Event leaves its lock held and the parent's set() would hang.
     """
     stop = threading.Event()
+    reload_requested = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # The service validated the file before passing SIGHUP on; the job in hand finishes first.
+    signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent decides
     config = load_config(config_path)
-    setup_logging(config.logging.level, config.logging.format, config.logging.file)
+    setup_logging(config.logging.level, config.logging.format, config.logging.file, config.logging.libraries)
     store = Store(config.database_url)
     spool = Spool(config.storage.data_dir, config.storage.free_space_reserve_mb)
     worker = Worker(config, store, spool, f"{socket.gethostname()}:{os.getpid()}:w{index}")
     log_event(log, logging.INFO, "worker started", worker=worker.name)
     while not stop.is_set():
+        if reload_requested.is_set():
+            reload_requested.clear()
+            try:
+                reloaded = load_config(config_path)
+                set_levels(reloaded.logging.level, reloaded.logging.libraries)
+                worker.apply_config(reloaded)
+                log_event(log, logging.INFO, "worker reloaded its config", worker=worker.name)
+            except ConfigError as error:
+                log_event(log, logging.ERROR, "worker kept its config: the reloaded file is invalid", error=str(error))
         try:
             busy = worker.run_one()
         except Exception:

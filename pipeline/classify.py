@@ -44,10 +44,15 @@ from decimal import Decimal
 from enum import Enum
 from typing import Any
 
-import pydicom
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
-from pydicom.datadict import dictionary_VM, tag_for_keyword
-from pydicom.multival import MultiValue
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
+
+if TYPE_CHECKING:
+    import pydicom
+
+# pydicom is imported where it is used, not here: loading config.yaml (every CLI command)
+# must not pay for pydicom's ~0.25 s import when no site rule needs the data dictionary.
 
 __all__ = [
     "BUILTIN_RULES",
@@ -155,6 +160,8 @@ def _json_value(value: Any, always_list: bool = False) -> str | float | list[str
     `always_list` keeps attributes that may hold several values (ScanOptions, ImageType...)
     a list even when this instance has one value, so stored summaries have stable types.
     """
+    from pydicom.multival import MultiValue
+
     if isinstance(value, (MultiValue, list, tuple)):
         items = [item for item in (_json_scalar(v) for v in value) if item is not None]
         return items or None
@@ -163,6 +170,8 @@ def _json_value(value: Any, always_list: bool = False) -> str | float | list[str
 
 
 def _may_hold_several_values(keyword: str) -> bool:
+    from pydicom.datadict import dictionary_VM, tag_for_keyword
+
     tag = tag_for_keyword(keyword)
     return tag is not None and dictionary_VM(tag) != "1"
 
@@ -344,16 +353,21 @@ def _normalise_condition(value: Any) -> Any:
 
 def _check_keys(conditions: Mapping[str, Any]) -> None:
     """Reject unknown keywords now: a typo in config.yaml would otherwise never match."""
+    from pydicom.datadict import tag_for_keyword
+
     for key in conditions:
         for keyword in key.split("|"):
             if tag_for_keyword(keyword) is None:
                 raise ValueError(f"{keyword!r} (in {key!r}) is not a DICOM keyword")
 
 
-def _prepare_conditions(value: Any) -> Any:
+def _prepare_conditions(value: Any, info: ValidationInfo) -> Any:
     if not isinstance(value, Mapping):
         return value
-    _check_keys(value)
+    # The built-in rules' keywords are checked by the tests that fire every rule; checking them
+    # at import would load pydicom's data dictionary into every CLI command.
+    if not (info.context or {}).get("builtin"):
+        _check_keys(value)
     return {key: _normalise_condition(cond) for key, cond in value.items()}
 
 
@@ -371,16 +385,16 @@ class ClassificationRule(BaseModel):
 
     @field_validator("match", mode="before")
     @classmethod
-    def _prepare_match(cls, value: Any) -> Any:
-        return _prepare_conditions(value)
+    def _prepare_match(cls, value: Any, info: ValidationInfo) -> Any:
+        return _prepare_conditions(value, info)
 
     @field_validator("unless", mode="before")
     @classmethod
-    def _prepare_unless(cls, value: Any) -> Any:
+    def _prepare_unless(cls, value: Any, info: ValidationInfo) -> Any:
         if isinstance(value, Mapping):  # one mapping written without the list around it
             value = [value]
         if isinstance(value, list):
-            return [_prepare_conditions(entry) for entry in value]
+            return [_prepare_conditions(entry, info) for entry in value]
         return value
 
 
@@ -488,7 +502,7 @@ _XR_SOP_CLASSES = [
 
 
 def _rule(name: str, match: dict[str, Any], role: Role, **fields: Any) -> ClassificationRule:
-    return ClassificationRule(name=name, match=match, role=role, **fields)
+    return ClassificationRule.model_validate(dict(name=name, match=match, role=role, **fields), context={"builtin": True})
 
 
 #: Series that never count as inputs, whatever any other rule says (see classify_series).

@@ -68,6 +68,13 @@ class Spool:
         if free < self.free_space_reserve_bytes:
             raise SpoolFullError(f"spool free space {free // 2**20} MiB is below the reserve of {self.free_space_reserve_bytes // 2**20} MiB")
 
+    def check_writable(self) -> None:
+        """Raise OSError unless a file can be created in the spool (the health endpoint's check)."""
+        probe = self.tmp_dir / f"{os.getpid()}-health-{next(_temp_numbers)}.probe"
+        with open(probe, "xb") as handle:
+            handle.write(b"ok")
+        os.unlink(probe)
+
     def write_atomic(self, relative: str, data: bytes | memoryview) -> int:
         """Write bytes to ``relative`` atomically and durably; returns the size."""
         target = self.absolute(relative)

@@ -11,11 +11,10 @@ import random
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import Connection, Engine, bindparam, func, insert, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -186,6 +185,7 @@ class ClaimedDelivery:
     path: str
     attempts: int
     created_at: datetime
+    study_uid: str = ""  # for the log lines, one per study and destination
 
 
 class Store:
@@ -203,7 +203,11 @@ class Store:
 
     def _insert_ignore(self, executor: Session | Connection, model: type, values: Mapping[str, Any]) -> None:
         """INSERT ... ON CONFLICT DO NOTHING: concurrent associations may create the same study or series."""
-        dialect_insert = postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert
+        # Imported here: the PostgreSQL dialect module costs every CLI command ~0.1 s otherwise.
+        if self.engine.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as dialect_insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert as dialect_insert
         executor.execute(dialect_insert(model).values(**values).on_conflict_do_nothing())
 
     def migrate(self) -> None:
@@ -570,12 +574,12 @@ class Store:
                 .values(state=DeliveryState.SENDING, next_attempt_at=now + timedelta(seconds=lease_seconds))
             )
             rows = session.execute(
-                select(Delivery.id, Delivery.output_uid, Output.path, Delivery.attempts, Delivery.created_at)
+                select(Delivery.id, Delivery.output_uid, Output.path, Delivery.attempts, Delivery.created_at, Output.study_uid)
                 .join(Output, Output.sop_instance_uid == Delivery.output_uid)
                 .where(Delivery.id.in_(ids), Delivery.state == DeliveryState.SENDING)
                 .order_by(Delivery.id)
             )
-            return [ClaimedDelivery(r.id, r.output_uid, r.path, r.attempts, r.created_at) for r in rows]
+            return [ClaimedDelivery(r.id, r.output_uid, r.path, r.attempts, r.created_at, r.study_uid) for r in rows]
 
     def delivery_succeeded(self, delivery_id: int) -> None:
         now = utcnow()
@@ -680,6 +684,43 @@ class Store:
 
     # -- reading for the CLI ---------------------------------------------------------------------
 
+    def ping(self) -> None:
+        """Raise unless the database answers a query (the health endpoint's check)."""
+        with self.engine.connect() as connection:
+            connection.execute(select(1))
+
+    def known_uids(self, kind: str) -> list[str]:
+        """Every study, series or output UID (``kind``), for short forms and prefix/suffix look-ups."""
+        column = {"study": Study.study_uid, "series": Series.series_uid, "output": Output.sop_instance_uid}[kind]
+        with self.session() as session:
+            return list(session.scalars(select(column)))
+
+    def job_states(self, study_uids: Sequence[str]) -> dict[str, dict[str, int]]:
+        """Per study, how many jobs of its current version are in each state."""
+        if not study_uids:
+            return {}
+        with self.session() as session:
+            rows = session.execute(
+                select(Job.study_uid, Job.state, func.count())
+                .join(Study, (Study.study_uid == Job.study_uid) & (Study.version == Job.study_version))
+                .where(Job.study_uid.in_(study_uids))
+                .group_by(Job.study_uid, Job.state)
+            )
+            states: dict[str, dict[str, int]] = {}
+            for study_uid, state, count in rows:
+                states.setdefault(study_uid, {})[state] = count
+            return states
+
+    def next_attempts(self) -> dict[str, datetime]:
+        """Per destination, when its next pending delivery is due."""
+        with self.session() as session:
+            rows = session.execute(
+                select(Delivery.destination, func.min(Delivery.next_attempt_at))
+                .where(Delivery.state == DeliveryState.PENDING)
+                .group_by(Delivery.destination)
+            )
+            return {destination: _aware(moment) for destination, moment in rows if moment is not None}
+
     def overview(self) -> dict[str, Any]:
         """Counts per state, destination health, counters and heartbeats."""
         with self.session() as session:
@@ -744,6 +785,13 @@ class Store:
     def study_instances(self, study_uid: str) -> list[Instance]:
         with self.session() as session:
             return list(session.scalars(select(Instance).where(Instance.study_uid == study_uid).order_by(Instance.series_uid, Instance.instance_number)))
+
+
+def _aware(moment: datetime) -> datetime:
+    """An aggregate (min/max) skips UTCDateTime's conversion: SQLite hands back a naive UTC string or datetime."""
+    if isinstance(moment, str):
+        moment = datetime.fromisoformat(moment)
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 def _series_record(row: Series) -> SeriesRecord:
