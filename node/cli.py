@@ -240,7 +240,7 @@ def delivery_words(delivery: Any) -> str:
     if state == "done":
         return f"delivered {_ago(delivery.delivered_at)}"
     if state == "sending":
-        return "sending now"
+        return f"sending now, {delivery.attempts} tries before: {delivery.last_error}" if delivery.attempts else "sending now"
     if state == "failed":
         return f"gave up after {delivery.attempts} attempt(s): {delivery.last_error}; sijnode retry re-queues"
     if delivery.attempts == 0:
@@ -713,7 +713,7 @@ def cmd_packs_list(args: argparse.Namespace, config: Config, out: Output) -> int
     )
     for r in rows:
         if r.get("error"):
-            out.line(f"{r['chain']}: {r['error']}", "red")
+            print(f"sijnode: chains[{r['chain']}].pack: {r['error']}", file=sys.stderr)
     return EXIT_INVALID if broken else EXIT_OK
 
 

@@ -58,6 +58,7 @@ class Node:
             "peers": [],
             "chains": [],
             "logging": {"level": "DEBUG", "format": "json", "file": str(workdir / "node.log")},
+            "metrics": {"bind": LOOPBACK, "port": free_port()},
         }
         self.config = deep_merge(base, overrides or {})
         self.config_path = workdir / "config.yaml"
@@ -67,6 +68,10 @@ class Node:
     @property
     def log_path(self) -> Path:
         return Path(self.config["logging"]["file"])
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.config['metrics']['port']}"
 
     @property
     def database_url(self) -> str:

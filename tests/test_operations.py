@@ -63,10 +63,12 @@ def test_cli_reports_studies_jobs_and_explains_series(tmp_path: Path) -> None:
 
         assert node.cli("show", "1.2.3.4", check=False).returncode == 1
         assert node.cli("explain", "1.2.3.4", check=False).returncode == 1
-    # The CLI reads the database: it works with the service stopped, and says so.
-    status = node.cli_json("status")
+    # The CLI reads the database: it works with the service stopped, and says so (exit 1).
+    stopped = node.cli("status", "--json", check=False)
+    assert stopped.returncode == 1
+    status = json.loads(stopped.stdout)
     assert status["running"] is False and status["jobs"] == {"done": 2}
-    assert "not running" in node.cli("status").stdout
+    assert "not running" in node.cli("status", check=False).stdout
 
 
 def test_late_instances_reopen_the_study_as_a_new_version(tmp_path: Path) -> None:
@@ -219,7 +221,7 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     assert analyze, "systemd-analyze is installed by tests/run (Debian package systemd)"
     unit = (REPO / "systemd" / "sijnode.service").read_text()
-    for key in ("User=sijnode", "Restart=on-failure", "NoNewPrivileges=yes", "ProtectSystem=strict", "ReadWritePaths=/var/lib/sijnode", "PrivateTmp=yes"):
+    for key in ("User=sijnode", "Restart=on-failure", "NoNewPrivileges=yes", "ProtectSystem=strict", "ReadWritePaths=/var/lib/sijnode", "PrivateTmp=yes", "ExecReload=/bin/kill -HUP $MAINPID"):
         assert key in unit
     # verify needs the ExecStart binary to exist: point it at the installed console script.
     sijnode = shutil.which("sijnode") or str(Path(sys.executable).with_name("sijnode"))
