@@ -187,14 +187,9 @@ class Output:
 
 
 def _open_store(config: Config) -> Store:
-    from storage.store import Store, open_store
+    from storage.store import open_store_quickly
 
-    # An existing database is read as it is (no migration check: ~0.1 s of alembic); a new or
-    # older one is migrated the first time a query fails on it.
-    path = config.database_url.removeprefix("sqlite:///")
-    if config.database_url.startswith("sqlite:///") and not Path(path).exists():
-        return open_store(config.database_url)
-    return Store(config.database_url)
+    return open_store_quickly(config.database_url)
 
 
 def _with_store(config: Config, read: Callable[[Store], Any]) -> Any:
@@ -396,9 +391,10 @@ def cmd_studies(args: argparse.Namespace, config: Config, out: Output) -> int:
 def _study_results(config: Config, store: Store, detail: dict[str, Any]) -> dict[str, Any]:
     """Findings per job of the study's current version (read from its SRs) and each output's deliveries."""
     from pipeline.report_reader import read_report
+    from storage.spool import Spool
 
     study = detail["study"]
-    spool_root = config.storage.data_dir / "spool"
+    spool = Spool(config.storage.data_dir)
     outputs_of: dict[int, list[Any]] = {}
     for output in detail["outputs"]:
         outputs_of.setdefault(output.job_id, []).append(output)
@@ -415,7 +411,7 @@ def _study_results(config: Config, store: Store, detail: dict[str, Any]) -> dict
             kind = OUTPUT_KINDS.get(output.sop_class_uid, output.sop_class_uid)
             if kind == "SR":
                 try:
-                    report = read_report(spool_root / output.path)
+                    report = read_report(spool.absolute(output.path))
                     entry["findings"] += report.findings
                     entry["demonstration"] = report.demonstration
                 except Exception as error:  # a missing or unreadable file is shown, not fatal
@@ -423,7 +419,7 @@ def _study_results(config: Config, store: Store, detail: dict[str, Any]) -> dict
             entry["outputs"].append({
                 "sop_instance_uid": output.sop_instance_uid,
                 "kind": kind,
-                "path": str(spool_root / output.path),
+                "path": str(spool.absolute(output.path)),
                 "deliveries": [
                     {"destination": d.destination, "state": d.state, "attempts": d.attempts, "delivered_at": d.delivered_at,
                      "next_attempt_at": d.next_attempt_at if d.state == "pending" else None, "last_error": d.last_error,

@@ -12,9 +12,11 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, bindparam, func, insert, or_, select, update
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -818,3 +820,13 @@ def open_store(url: str) -> Store:
     store = Store(url)
     store.migrate()
     return store
+
+
+def open_store_quickly(url: str) -> Store:
+    """Open the database for a short CLI command: migrate a new SQLite file at once, an existing
+    database only when a query fails on its schema (``Store.migrate``); checking the revision on
+    every call would cost each command ~0.1 s of alembic."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database and not Path(parsed.database).exists():
+        return open_store(url)
+    return Store(url)

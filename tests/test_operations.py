@@ -59,7 +59,7 @@ def test_cli_reports_studies_jobs_and_explains_series(tmp_path: Path) -> None:
         assert status["running"] and status["jobs"] == {"done": 2}
         assert status["spool"]["free_bytes"] > 0
         table = node.cli("status").stdout
-        assert "running" in table and "Jobs" in table
+        assert "running" in table and "jobs: 0 pending, 0 running, 2 done, 0 failed" in table
 
         assert node.cli("show", "1.2.3.4", check=False).returncode == 1
         assert node.cli("explain", "1.2.3.4", check=False).returncode == 1
