@@ -71,16 +71,26 @@ def read_instance(encoded: bytes, max_dataset_bytes: int) -> Dataset:
     meta = _read_file_meta_info(stream)
     if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
         return dcmread(io.BytesIO(encoded))
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    deflated = memoryview(encoded)[stream.tell() :]
     try:
-        inflated = inflater.decompress(encoded[stream.tell() :], max_dataset_bytes + 1)
+        # First only measure, 1 MiB at a time: a bomb costs CPU, never memory.
+        if _inflated_size(deflated, max_dataset_bytes) > max_dataset_bytes:
+            raise InstanceRejected(Status.OUT_OF_RESOURCES, f"deflated dataset inflates beyond {max_dataset_bytes} bytes")
+        inflated = zlib.decompress(deflated, -zlib.MAX_WBITS)
     except zlib.error as error:
         raise InstanceRejected(Status.CANNOT_UNDERSTAND, f"deflated dataset does not inflate: {error}") from None
-    if len(inflated) > max_dataset_bytes or inflater.unconsumed_tail:
-        raise InstanceRejected(Status.OUT_OF_RESOURCES, f"deflated dataset inflates beyond {max_dataset_bytes} bytes")
     dataset = read_dataset(io.BytesIO(inflated), is_implicit_VR=False, is_little_endian=True)
     dataset.file_meta = meta
     return dataset
+
+
+def _inflated_size(deflated: memoryview, limit: int, chunk: int = 1 << 20) -> int:
+    """How many bytes ``deflated`` inflates to, counting no further than just past ``limit``."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    size = len(inflater.decompress(deflated, chunk))
+    while inflater.unconsumed_tail and size <= limit:
+        size += len(inflater.decompress(inflater.unconsumed_tail, chunk))
+    return size
 
 
 _KNOWN_VRS = frozenset(vr.value for vr in VR)
