@@ -305,6 +305,10 @@ class GatedAssociationServer(ThreadedAssociationServer):
     before that.
     """
 
+    # socketserver's default backlog of 5 makes a burst of connections wait for SYN retries
+    # (1 s, 3 s, 7 s...) before the gate even sees them; the kernel caps this at somaxconn.
+    request_queue_size = 1024
+
     def __init__(
         self,
         ae: Any,
