@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import random
 import struct
 from collections import Counter
@@ -29,8 +30,9 @@ from tests.hostile import RawSender, encode, mr_template, service_memory_kib
 from tests.node_harness import NODE_AET, Node
 from tests.peers import run_echoscu
 
-SEED = 20261202
-VARIANTS = 300
+# Fixed so a failure reproduces; SIJNODE_FUZZ_SEED / SIJNODE_FUZZ_VARIANTS run other campaigns.
+SEED = int(os.environ.get("SIJNODE_FUZZ_SEED", "20261202"))
+VARIANTS = int(os.environ.get("SIJNODE_FUZZ_VARIANTS", "300"))
 DOCUMENTED = {0x0000, 0xA700, 0xA900, 0xC210, 0xC220}
 _VR_CODES = [b"UI", b"DS", b"IS", b"US", b"UL", b"FD", b"OB", b"OW", b"SQ", b"UN", b"PN", b"Q!", b"\x00\x00", b"LO"]
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"}
