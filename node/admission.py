@@ -274,7 +274,7 @@ class _GatedRequestHandler(RequestHandler):
         server: GatedAssociationServer = self.server  # type: ignore[assignment]
         sock, prefix = self.request
         self.request = sock
-        assoc = Association(self.ae, "acceptor")
+        assoc = server.association_class(self.ae, "acceptor")
         assoc._server = server
         assoc.name = f"AcceptorThread@{time.strftime('%Y%m%d%H%M%S')}"
         assoc.set_socket(GuardedSocket(assoc, sock, prefix, server.limits.pdu_timeout_s, server.max_pdu_read))
@@ -305,9 +305,7 @@ class GatedAssociationServer(ThreadedAssociationServer):
     before that.
     """
 
-    # socketserver's default backlog of 5 makes a burst of connections wait for SYN retries
-    # (1 s, 3 s, 7 s...) before the gate even sees them; the kernel caps this at somaxconn.
-    request_queue_size = 1024
+    association_class: type[Association] = Association
 
     def __init__(
         self,
@@ -321,6 +319,9 @@ class GatedAssociationServer(ThreadedAssociationServer):
         on_drop: Callable[[str, str], None],
         on_bad_command: Callable[[str], None],
     ) -> None:
+        # socketserver's default backlog of 5 makes a burst of connections wait for SYN retries
+        # (1 s, 3 s, 7 s...) before the gate even sees them; the kernel caps this at somaxconn.
+        self.request_queue_size = 1024
         self.policy = policy
         self.limits = policy.limits
         self.on_drop = on_drop

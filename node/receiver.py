@@ -113,10 +113,11 @@ class Receiver:
         self.config = config
         self.store = store
         self.spool = spool
-        self.server: GatedAssociationServer | None = None
+        # Connections the gate closed before their association request, reported in batches.
         self._drops: Counter[tuple[str, str]] = Counter()
         self._drops_lock = threading.Lock()
         self._drops_stop = threading.Event()
+        self.server: GatedAssociationServer | None = None
 
     # -- pynetdicom event handlers ------------------------------------------------------------
 
