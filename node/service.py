@@ -34,7 +34,7 @@ log = logging.getLogger("sijnode.service")
 
 # What a reload (SIGHUP) changes in the running service; everything else needs a restart
 # (listening socket, TLS, database and spool, worker count and device, metrics endpoint).
-RELOADABLE_RECEIVER_KEYS = ("extra_calling_ae_titles", "allow_any_calling_ae", "allowed_source_addresses")
+RELOADABLE_RECEIVER_KEYS = ("extra_calling_ae_titles", "allow_any_calling_ae", "allowed_source_addresses", "called_ae_titles")
 RELOADABLE_WORKER_KEYS = ("max_attempts", "lease_seconds")
 RELOADABLE_LOGGING_KEYS = ("level", "libraries")
 RELOADABLE_SECTIONS = ("study", "dispatch", "peers", "classification", "chains")
@@ -98,7 +98,7 @@ class Service:
 
     def _start_worker(self, index: int) -> None:
         process = self._mp.Process(
-            target=worker_main, args=(self.config_path, index), name=f"sijnode-worker-{index}", daemon=True
+            target=worker_main, args=(self.config_path, index, os.getpid()), name=f"sijnode-worker-{index}", daemon=True
         )
         process.start()
         self._workers[index] = process
@@ -126,7 +126,8 @@ class Service:
 
         Its workers and sender died with it, so jobs it left running and deliveries it left
         sending would otherwise wait up to a lease (workers.lease_seconds, 30 min by default).
-        Nothing is taken back while another service on this database still beats.
+        Their half-written temporary spool files go too. Nothing is taken back (or removed) while
+        another service on this database still beats.
         """
         previous = self.store.heartbeat(HEARTBEAT_NAME)
         if previous is not None and still_running(*previous):
@@ -136,6 +137,9 @@ class Service:
         jobs, deliveries = self.store.expire_claims()
         if jobs or deliveries:
             log_event(log, logging.INFO, "took back work left claimed by the previous run", jobs=jobs, deliveries=deliveries)
+        removed = self.spool.clear_tmp()
+        if removed:
+            log_event(log, logging.INFO, "removed temporary spool files left by the previous run", files=removed)
 
     def reload(self) -> bool:
         """Re-read config.yaml (SIGHUP): peers, allowlists, classification rules, chains, study and
