@@ -314,7 +314,8 @@ def _describe(error: ValidationError, data: Any) -> str:
             _, parent = _key_path(item["loc"][:-1], data)
             known = list(parent.model_fields) if parent is not None else []
             close = difflib.get_close_matches(str(item["loc"][-1]), known, n=1, cutoff=0.6)
-            message = "unknown key" + (f"; did you mean {close[0]!r}?" if close else (f" (known: {', '.join(known)})" if known else ""))
+            # No quotes around the suggestion: the log's redaction layer drops quoted values.
+            message = "unknown key" + (f"; did you mean {close[0]}?" if close else (f" (known: {', '.join(known)})" if known else ""))
         lines.append(f"{key or '(top level)'}: {message}")
     return "\n".join(lines)
 

@@ -143,7 +143,7 @@ def test_exit_codes_and_one_line_errors(tmp_path: Path) -> None:
     invalid = cli(config, "config", "check")
     assert invalid.returncode == 2
     assert "peers[pacs].port: Input should be less than or equal to 65535" in invalid.stderr
-    assert "peers[pacs].send_result: unknown key; did you mean 'send_results'?" in invalid.stderr
+    assert "peers[pacs].send_result: unknown key; did you mean send_results?" in invalid.stderr
     assert json.loads(cli(config, "--json", "studies").stdout)["problems"][-1].startswith("peers[pacs].send_result")
 
     # A missing pack folder: one clear line, exit 2, from every command that checks packs.
@@ -247,7 +247,7 @@ def test_sighup_reload_keeps_the_open_association_and_the_running_job(tmp_path: 
         node.config_path.write_text(yaml.safe_dump({**changed, "peers": [{"name": "pacs", "ae_titel": "X"}]}))
         os.kill(node.process.pid, signal.SIGHUP)
         wait_for(lambda: "config reload refused" in node.log_path.read_text(), timeout=30, what="refused reload")
-        assert "peers[pacs].ae_titel: unknown key; did you mean 'ae_title'?" in node.log_path.read_text()
+        assert "peers[pacs].ae_titel: unknown key; did you mean ae_title?" in node.log_path.read_text()
         assert run_echoscu(node.port, NODE_AET, aet_calling="NEWAE").returncode == 0
         node.config_path.write_text(yaml.safe_dump(changed))  # the CLI below reads the file too
 
