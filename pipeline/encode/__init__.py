@@ -21,6 +21,15 @@ from pipeline.route import OutputKind, OutputPlan
 __all__ = ["encode_heatmaps", "encode_parametric_maps", "encode_result", "encode_sr"]
 
 
+# How each kind is named in the default series description ("AI findings <pack> <version>").
+_KIND_WORDS = {
+    OutputKind.SR: "findings",
+    OutputKind.HEATMAPS: "heatmaps",
+    OutputKind.PARAMETRIC_MAPS: "maps",
+    OutputKind.OVERLAYS: "overlays",
+}
+
+
 def encode_result(
     result: ChainResult, *, parametric_maps: bool = False, plan: OutputPlan | None = None
 ) -> list[pydicom.Dataset]:
@@ -31,7 +40,7 @@ def encode_result(
     plan = plan or OutputPlan()
 
     def description(kind: OutputKind) -> str:
-        return series_description(result.provenance, kind.value.replace("_", " "), plan.version, plan.descriptions.get(kind))
+        return series_description(result.provenance, _KIND_WORDS[kind], plan.version, plan.descriptions.get(kind))
 
     datasets: list[pydicom.Dataset] = [
         encode_sr(
