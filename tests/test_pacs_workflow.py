@@ -15,14 +15,15 @@ from collections import Counter
 from pathlib import Path
 
 import highdicom as hd
-import pytest
 from pydicom import Dataset, dcmread
 from pydicom.uid import generate_uid
 
+from storage.models import Counter as CounterRow
+from storage.models import Delivery, Job, Study
 from tests.node_harness import NODE_AET, Node, make_mr_series
 from tests.peers import orthanc, run_storescu, wait_for
 
-QUIET_SECONDS = 2
+QUIET_SECONDS = 1
 T1_CHAIN = {
     "name": "report-t1",
     "implementation": "tests.chains:ReportingChain",
@@ -95,16 +96,23 @@ def _foreign_objects(images: list[Dataset], folder: Path) -> list[Path]:
     return paths
 
 
+# Polling reads the node's database directly (a CLI call per poll costs seconds on a busy
+# machine); the CLI's own output is checked once, where it is the thing under test.
 def _jobs(node: Node) -> list[tuple[str, int, str]]:
-    return sorted((job["chain"], job["result_version"], job["state"]) for job in node.cli_json("jobs"))
+    return sorted((job.chain, job.result_version, job.state) for job in node.rows(Job))
 
 
-def _delivered(node: Node, study_uid: str, count: int) -> None:
+def _delivered(node: Node, count: int) -> None:
     def done() -> bool:
-        deliveries = node.cli_json("show", study_uid)["deliveries"]
-        return len(deliveries) >= count and all(d["state"] == "done" for d in deliveries)
+        deliveries = node.rows(Delivery)
+        return len(deliveries) >= count and all(d.state == "done" for d in deliveries)
 
-    wait_for(done, timeout=90, interval=0.5, what=f"{count} results delivered to Orthanc\n{node.output_tail()}")
+    wait_for(done, timeout=90, interval=0.3, what=f"{count} results delivered to Orthanc\n{node.output_tail()}")
+
+
+def _study(node: Node) -> Study:
+    (study,) = node.rows(Study)
+    return study
 
 
 def _push(pacs, resource: str) -> dict:
@@ -115,7 +123,7 @@ def _push(pacs, resource: str) -> dict:
 
 
 def _counters(node: Node) -> Counter:
-    return Counter(node.cli_json("status")["counters"])
+    return Counter({counter.name: counter.value for counter in node.rows(CounterRow)})
 
 
 def _study_series(pacs, study_id: str) -> list[dict]:
@@ -150,7 +158,7 @@ def test_forward_everything_rule_gives_one_current_result_per_chain(tmp_path: Pa
             #    the images are stored, exactly one job per applicable chain runs.
             _push(pacs, study_id)
             wait_for(lambda: _jobs(node) == [("report-stir", 1, "done"), ("report-t1", 1, "done")], timeout=90,
-                     what=f"one job per chain\n{node.output_tail()}")
+                     interval=0.3, what=f"one job per chain\n{node.output_tail()}")
             shown = node.cli_json("show", study_uid)
             objects = {(o["kind"], o["sop_class_uid"]): o["count"] for o in shown["objects"]}
             assert objects == {
@@ -164,15 +172,15 @@ def test_forward_everything_rule_gives_one_current_result_per_chain(tmp_path: Pa
             assert "Objects received" in table and "Key Object Selection" in table
             outputs = shown["outputs"]
             assert len(outputs) == 4  # per chain: an SR and a heatmap
-            _delivered(node, study_uid, 4)
+            _delivered(node, 4)
 
             # 2. Orthanc forwards the whole study again, now with the node's own results and the
             #    same images: acknowledged, counted, no new job.
             _push(pacs, study_id)
             assert _counters(node)["own_results_returned"] == 4
-            time.sleep(QUIET_SECONDS + 3)  # the completion loop would have routed a re-opened study
+            time.sleep(QUIET_SECONDS + 2)  # the completion loop would have routed a re-opened study
             assert _jobs(node) == [("report-stir", 1, "done"), ("report-t1", 1, "done")]
-            assert node.cli_json("studies")[0]["state"] == "complete"
+            assert _study(node).state == "complete"
 
             # 3. A result back by storescu, and another sijnode's result (its own UIDs, the
             #    sijnode manufacturer): counted, no job.
@@ -187,18 +195,20 @@ def test_forward_everything_rule_gives_one_current_result_per_chain(tmp_path: Pa
                 sent = run_storescu([path], node.port, NODE_AET)
                 assert sent.returncode == 0, sent.stderr
             assert _counters(node)["own_results_returned"] == 6
-            kinds = {o["kind"] for o in node.cli_json("show", study_uid)["objects"]}
+            store = node.store()
+            kinds = {o["kind"] for o in store.study_detail(study_uid)["objects"]}
+            store.dispose()
             assert {"own-result", "sijnode-result"} <= kinds
-            time.sleep(QUIET_SECONDS + 3)
+            time.sleep(QUIET_SECONDS + 2)
             assert len(_jobs(node)) == 2
 
             # 4. One late instance in the T1 series: exactly one new version, of that chain only,
             #    whose SR points at version 1 and whose descriptions say "result 2".
             _push(pacs, pacs.upload(late)["ID"])
-            wait_for(lambda: ("report-t1", 2, "done") in _jobs(node), timeout=90, what=f"result 2\n{node.output_tail()}")
+            wait_for(lambda: ("report-t1", 2, "done") in _jobs(node), timeout=90, interval=0.3, what=f"result 2\n{node.output_tail()}")
             assert _jobs(node) == [("report-stir", 1, "done"), ("report-t1", 1, "done"), ("report-t1", 2, "done")]
-            assert "report-stir': inputs unchanged since result 1" in node.cli_json("studies")[0]["routing_note"]
-            _delivered(node, study_uid, 6)
+            assert "report-stir': inputs unchanged since result 1" in _study(node).routing_note
+            _delivered(node, 6)
 
             series = _study_series(pacs, study_id)
             numbers = [int(s["SeriesNumber"]) for s in series]
@@ -231,27 +241,26 @@ def test_forward_everything_rule_gives_one_current_result_per_chain(tmp_path: Pa
 
             # sijnode reprocess still forces a new version, even with unchanged inputs.
             assert node.cli_json("reprocess", study_uid)["version"] >= 2
-            wait_for(lambda: ("report-stir", 2, "done") in _jobs(node) and ("report-t1", 3, "done") in _jobs(node),
-                     timeout=90, what=f"forced versions\n{node.output_tail()}")
+            wait_for(lambda: {("report-stir", 2, "done"), ("report-t1", 3, "done")} <= set(_jobs(node)),
+                     timeout=90, interval=0.3, what=f"forced versions\n{node.output_tail()}")
 
 
-@pytest.mark.parametrize("policy", ["replace"])
-def test_identical_resend_under_replace_changes_nothing_but_new_content_does(tmp_path: Path, policy: str) -> None:
+def test_identical_resend_under_replace_changes_nothing_but_new_content_does(tmp_path: Path) -> None:
     """Under duplicates: replace a re-sent instance replaces the stored one: only different bytes
     count as a change of the chain's inputs."""
     t1 = make_mr_series(tmp_path / "t1", 4)
     study_uid = str(dcmread(t1[0]).StudyInstanceUID)
-    overrides = {"study": {"quiet_seconds": 1}, "storage": {"duplicates": policy}, "chains": [T1_CHAIN]}
+    overrides = {"study": {"quiet_seconds": 1}, "storage": {"duplicates": "replace"}, "chains": [T1_CHAIN]}
     with Node(tmp_path / "node", overrides) as node:
         assert run_storescu(t1, node.port, NODE_AET).returncode == 0
-        wait_for(lambda: _jobs(node) == [("report-t1", 1, "done")], timeout=60, what="result 1")
+        wait_for(lambda: _jobs(node) == [("report-t1", 1, "done")], timeout=60, interval=0.3, what="result 1")
         assert run_storescu(t1, node.port, NODE_AET).returncode == 0  # the same bytes again
-        wait_for(lambda: node.cli_json("studies")[0]["state"] == "complete" and node.cli_json("studies")[0]["version"] == 2,
-                 timeout=30, what="re-opened study completes again")
+        wait_for(lambda: (_study(node).state, _study(node).version) == ("complete", 2), timeout=30, interval=0.3,
+                 what="re-opened study completes again")
         assert _jobs(node) == [("report-t1", 1, "done")]
         changed = dcmread(t1[0])
         changed.WindowCenter, changed.WindowWidth = 2000, 4000  # a corrected header: new content
         changed.save_as(t1[0], enforce_file_format=True)
         assert run_storescu(t1[:1], node.port, NODE_AET).returncode == 0
-        wait_for(lambda: ("report-t1", 2, "done") in _jobs(node), timeout=60, what="result 2 after a real replacement")
-        assert study_uid == node.cli_json("studies")[0]["study_uid"]
+        wait_for(lambda: ("report-t1", 2, "done") in _jobs(node), timeout=60, interval=0.3, what="result 2 after a real replacement")
+        assert _study(node).study_uid == study_uid
