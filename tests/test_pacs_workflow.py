@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 import highdicom as hd
+import pytest
 from pydicom import Dataset, dcmread
 from pydicom.uid import generate_uid
 
@@ -98,6 +99,23 @@ def _foreign_objects(images: list[Dataset], folder: Path) -> list[Path]:
 
 # Polling reads the node's database directly (a CLI call per poll costs seconds on a busy
 # machine); the CLI's own output is checked once, where it is the thing under test.
+def _chest_radiograph(study_uid: str, path: Path) -> Path:
+    """A DX chest PA in the same study (what a forward-everything rule also sends)."""
+    ds = dcmread(make_mr_series(path.parent / "chest-template", 1)[0])
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "DX", "CHEST", "PA"
+    ds.SeriesDescription = ds.ProtocolName = "Thorax p.a."
+    ds.PresentationIntentType, ds.ImageType = "FOR PRESENTATION", ["ORIGINAL", "PRIMARY"]
+    ds.SeriesNumber = 3
+    for keyword in ("ImageOrientationPatient", "ImagePositionPatient", "SliceThickness", "SpacingBetweenSlices", "FrameOfReferenceUID"):
+        delattr(ds, keyword)
+    ds.ImagerPixelSpacing, ds.PatientOrientation = ds.PixelSpacing, ["L", "F"]
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
 def _jobs(node: Node) -> list[tuple[str, int, str]]:
     return sorted((job.chain, job.result_version, job.state) for job in node.rows(Job))
 
@@ -141,6 +159,7 @@ def test_forward_everything_rule_gives_one_current_result_per_chain(tmp_path: Pa
     late_ds.FrameOfReferenceUID = dcmread(t1[0]).FrameOfReferenceUID
     late_ds.save_as(late, enforce_file_format=True)
     foreign = _foreign_objects([dcmread(p) for p in t1], tmp_path / "foreign")
+    chest = _chest_radiograph(study_uid, tmp_path / "chest.dcm")
 
     with orthanc(tmp_path, extra_config={"DicomAssociationCloseDelay": 0}) as pacs:
         overrides = {
@@ -150,7 +169,7 @@ def test_forward_everything_rule_gives_one_current_result_per_chain(tmp_path: Pa
         }
         with Node(tmp_path / "node", overrides) as node:
             pacs.set_modality("sijnode", NODE_AET, node.port)
-            for path in [*t1, *stir, *foreign]:
+            for path in [*t1, *stir, *foreign, chest]:
                 pacs.upload(path)
             (study_id,) = pacs.studies()
 
@@ -163,6 +182,7 @@ def test_forward_everything_rule_gives_one_current_result_per_chain(tmp_path: Pa
             objects = {(o["kind"], o["sop_class_uid"]): o["count"] for o in shown["objects"]}
             assert objects == {
                 ("input", "1.2.840.10008.5.1.4.1.1.4"): 11,
+                ("input", "1.2.840.10008.5.1.4.1.1.1.1"): 1,  # the chest radiograph: input-capable, not an input
                 ("non-input", "1.2.840.10008.5.1.4.1.1.88.34"): 1,  # Comprehensive 3D SR
                 ("non-input", "1.2.840.10008.5.1.4.1.1.88.59"): 1,  # Key Object Selection
                 ("non-input", "1.2.840.10008.5.1.4.1.1.11.1"): 1,  # Grayscale Softcopy PS
@@ -170,6 +190,9 @@ def test_forward_everything_rule_gives_one_current_result_per_chain(tmp_path: Pa
             assert _counters(node)["non_input_objects"] == 3
             table = node.cli("show", study_uid).stdout
             assert "Objects received" in table and "Key Object Selection" in table
+            explained = node.cli_json("explain", str(dcmread(chest).SeriesInstanceUID))["current_rules"]
+            assert (explained["role"], explained["counts_as_input"], explained["rule"]) == ("OTHER", False, "xr-not-pelvis")
+            assert "not a pelvic radiograph" in explained["reason"] and "CHEST" in explained["reason"]
             outputs = shown["outputs"]
             assert len(outputs) == 4  # per chain: an SR and a heatmap
             _delivered(node, 4)
@@ -212,7 +235,7 @@ def test_forward_everything_rule_gives_one_current_result_per_chain(tmp_path: Pa
 
             series = _study_series(pacs, study_id)
             numbers = [int(s["SeriesNumber"]) for s in series]
-            assert len(numbers) == len(set(numbers)), sorted(numbers)  # no two series share a number
+            assert len(numbers) == len(set(numbers)) == 12, sorted(numbers)  # no two series share a number
             ours = {int(s["SeriesNumber"]): s["SeriesDescription"] for s in series if int(s["SeriesNumber"]) >= 9000}
             assert ours == {
                 9100: "DEMONSTRATION AI findings report-t1-test 1.0 result 1",
@@ -264,3 +287,13 @@ def test_identical_resend_under_replace_changes_nothing_but_new_content_does(tmp
         assert run_storescu(t1[:1], node.port, NODE_AET).returncode == 0
         wait_for(lambda: ("report-t1", 2, "done") in _jobs(node), timeout=60, interval=0.3, what="result 2 after a real replacement")
         assert _study(node).study_uid == study_uid
+
+
+def test_chain_series_blocks_default_by_position_and_overlaps_are_refused() -> None:
+    from node.config import ConfigError, parse_config
+
+    unpinned = [{**chain, "series": {}} for chain in (T1_CHAIN, STIR_CHAIN)]
+    assert [c.series.base for c in parse_config({"chains": unpinned}, Path(".")).chains] == [9100, 9200]
+    overlapping = [T1_CHAIN, {**STIR_CHAIN, "series": {"base": 9150}}]
+    with pytest.raises(ConfigError, match="report-t1 and report-stir: series.base 9100 and 9150 are less than 100 apart"):
+        parse_config({"chains": overlapping}, Path("."))
