@@ -402,9 +402,9 @@ def _study_results(config: Config, store: Store, detail: dict[str, Any]) -> dict
     for delivery in detail["deliveries"]:
         deliveries_of.setdefault(delivery.output_uid, []).append(delivery)
     chains = []
-    for job in detail["jobs"]:
-        if job.study_version != study.version:
-            continue
+    # Each chain's newest job: a chain whose inputs did not change keeps its last result.
+    newest = {job.chain: job for job in sorted(detail["jobs"], key=lambda job: job.id)}
+    for job in newest.values():
         entry: dict[str, Any] = {"job": job.id, "chain": job.chain, "state": job.state, "attempts": job.attempts,
                                  "finished_at": job.finished_at, "error": job.error, "findings": [], "demonstration": None, "outputs": []}
         for output in outputs_of.get(job.id, []):
@@ -496,12 +496,21 @@ def cmd_show(args: argparse.Namespace, config: Config, out: Output) -> int:
         [[_uid_text(out, s.series_uid, short), s.series_number, s.description, s.instance_count, s.role, s.plane,
           {True: "yes", False: "no"}.get(s.counts_as_input), s.rule] for s in detail["series"]],
     )
+    if detail.get("objects"):
+        from pydicom.uid import UID
+
+        out.table(
+            "Objects received",
+            [Column("kind", "uid"), Column("SOP class"), Column("count", "num")],
+            [[o["kind"], UID(o["sop_class_uid"]).name or o["sop_class_uid"], o["count"]] for o in detail["objects"]],
+        )
     if detail["jobs"]:
         out.table(
             "Jobs",
-            [Column("id", "num"), Column("chain", "uid"), Column("ver", "num"), Column("state", "uid"), Column("tries", "num"),
-             Column("finished", "num"), Column("error")],
-            [[j.id, j.chain, j.study_version, j.state, j.attempts, _ago(j.finished_at), j.error] for j in detail["jobs"]],
+            [Column("id", "num"), Column("chain", "uid"), Column("result", "num"), Column("study v", "num"), Column("state", "uid"),
+             Column("tries", "num"), Column("finished", "num"), Column("error")],
+            [[j.id, j.chain, getattr(j, "result_version", None), j.study_version, j.state, j.attempts, _ago(j.finished_at), j.error]
+             for j in detail["jobs"]],
         )
     out.line("Results", "bold")
     _print_results(out, results, short)

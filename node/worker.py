@@ -17,14 +17,14 @@ import time
 import traceback
 from pathlib import Path
 
-from pydicom import dcmwrite
+from pydicom import dcmread, dcmwrite
 
 from node import metrics
 from node.config import Config, ConfigError, load_config
 from node.logs import log_event, redact, set_levels, setup_logging
 from node.uids import short_uid
 from pipeline.chains import Chain, RuntimeSettings, SeriesInput, StudyInputs, load_chain
-from pipeline.route import ChainSpec
+from pipeline.route import ChainSpec, OutputPlan
 from storage.spool import Spool
 from storage.store import ClaimedJob, ProducedObject, Store
 
@@ -68,7 +68,10 @@ class Worker:
         job = self.store.claim_job(self.name, settings.lease_seconds, settings.max_attempts)
         if job is None:
             return False
-        log_event(log, logging.DEBUG, "job started", job_id=job.id, chain=job.chain, study_uid=job.study_uid, attempt=job.attempts)
+        log_event(
+            log, logging.DEBUG, "job started", job_id=job.id, chain=job.chain, study_uid=job.study_uid,
+            attempt=job.attempts, result_version=job.result_version,
+        )
         started = time.monotonic()
         stop_renewing = threading.Event()
         renewer = threading.Thread(target=self._renew_lease, args=(job.id, stop_renewing), daemon=True)
@@ -111,6 +114,11 @@ class Worker:
             log_event(log, logging.WARNING, "job result discarded: the job was taken over", job_id=job.id)
         return True
 
+    def output_plan(self, job: ClaimedJob) -> OutputPlan:
+        """The job's result version, its series numbers and names, and the SR it supersedes."""
+        previous = [dcmread(self.spool.absolute(path), stop_before_pixels=True) for path in job.previous_sr_paths]
+        return OutputPlan.for_chain(self.spec(job.chain).series, job.result_version, previous)
+
     def _run(self, job: ClaimedJob) -> list[ProducedObject]:
         inputs = StudyInputs(
             study_uid=job.study_uid,
@@ -119,6 +127,7 @@ class Worker:
                 for key, paths in job.input_paths.items()
             },
             options=dict(self.spec(job.chain).options),
+            output=self.output_plan(job),
         )
         datasets = self.chain(job.chain).produce(inputs)
         produced = []
