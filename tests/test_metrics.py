@@ -61,7 +61,9 @@ def test_metrics_scraped_during_a_transfer(tmp_path: Path) -> None:
 
         def settled() -> dict | None:
             samples = scrape(node)
-            return samples if samples.get(("sijnode_studies", (("state", "complete"),))) == 1 else None
+            # (the row commits a moment before the service counts the completion)
+            done = samples.get(("sijnode_studies", (("state", "complete"),))) == 1 and samples.get(("sijnode_studies_completed_total", ())) == 1
+            return samples if done else None
 
         samples = wait_for(settled, timeout=30, what="study complete in the metrics")
         assert samples[("sijnode_instances_received_total", (("status", "0x0000"),))] == count
