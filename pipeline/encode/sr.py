@@ -88,13 +88,10 @@ def encode_sr(
         *_image_score_groups(result, top),
         *_explanation_groups(result),
     ]
-    report = hd.sr.MeasurementReport(
-        observation_context=_observation_context(provenance),
-        procedure_reported=_procedure_reported(result.sources),
-        imaging_measurements=groups or None,
-        referenced_images=cited_sources(result, top),
+    report = measurement_report(
+        _observation_context(provenance), procedure_reported(result.sources), groups, cited_sources(result, top)
     )
-    _insert_before_image_library(report[0], _qualitative_evaluations(reader_summary(result, top)))
+    _insert_before_image_library(report[0], qualitative_evaluations(reader_summary(result, top)))
     (sop_instance_uid,) = instance_uids(series_instance_uid, 1)
     sr = hd.sr.Comprehensive3DSR(
         evidence=list(result.sources),
@@ -114,10 +111,35 @@ def encode_sr(
     return sr
 
 
+def measurement_report(
+    observation_context: hd.sr.ObservationContext,
+    procedure: hd.sr.CodedConcept,
+    groups: Sequence[hd.sr.MeasurementsAndQualitativeEvaluations],
+    referenced_images: Sequence[Dataset],
+) -> hd.sr.MeasurementReport:
+    """highdicom's TID 1500 builder, also without measurement groups (a not-analysed result, the
+    study summary): TID 1500's Imaging Measurements (row 6) is conditional, one of rows 6, 10
+    and 12 suffices, but highdicom insists on a group; so one is built and its container dropped."""
+    placeholder = [hd.sr.MeasurementsAndQualitativeEvaluations(hd.sr.TrackingIdentifier(identifier="none"))]
+    report = hd.sr.MeasurementReport(
+        observation_context=observation_context,
+        procedure_reported=procedure,
+        imaging_measurements=list(groups) or placeholder,
+        referenced_images=list(referenced_images),
+    )
+    if not groups:
+        root = report[0]
+        root.ContentSequence = hd.sr.ContentSequence(
+            [item for item in root.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue != "126010"],
+            is_root=False,
+        )
+    return report
+
+
 # -- what the reader sees first -------------------------------------------------------------------
 
 
-def decision_text(finding: Finding) -> str:
+def decisiontext_item(finding: Finding) -> str:
     """One line for a finding: decision, probability of what, threshold, where; e.g.
     'PRESENT: probability 0.80 of active sacroiliitis (threshold 0.50); sacroiliac joints,
     both sides together (no side decided)'."""
@@ -143,7 +165,7 @@ def top_scores(result: ChainResult, count: int = TOP_SCORES) -> dict[str, list[I
     return {meaning: sorted(scores, key=lambda s: -s.value)[:count] for meaning, scores in by_concept.items()}
 
 
-def score_list_text(result: ChainResult, meaning: str, top: Sequence[ImageScore]) -> str:
+def score_listtext_item(result: ChainResult, meaning: str, top: Sequence[ImageScore]) -> str:
     """'Top 3 of 56 images by attention weight: instance 22: 0.12; instance 23: 0.11; ...'."""
     total = sum(1 for score in result.image_scores if score.concept.meaning == meaning)
     entries = "; ".join(
@@ -152,7 +174,7 @@ def score_list_text(result: ChainResult, meaning: str, top: Sequence[ImageScore]
     return f"Top {len(top)} of {total} images by {meaning.lower()}: {entries}"
 
 
-def explanation_text(explanations: Sequence[SideExplanation]) -> str:
+def explanationtext_item(explanations: Sequence[SideExplanation]) -> str:
     """'Explanation, not a finding: share of Grad-CAM in joint box, left 0.62, right 0.31 (...)'."""
     first = explanations[0]
     parts = ", ".join(f"{e.laterality.value} {e.value:.2f}" for e in explanations)
@@ -167,18 +189,18 @@ def reader_summary(result: ChainResult, top: dict[str, list[ImageScore]]) -> lis
     provenance = result.provenance
     items: list[hd.sr.ContentItem] = []
     if provenance.demonstration:
-        items.append(_text(concept("comment"), demonstration_notice(provenance)))
+        items.append(text_item(concept("comment"), demonstration_notice(provenance)))
     if result.not_analysed is not None:
-        items.append(_text(concept("comment"), f"{provenance.algorithm_name}: {result.not_analysed.text}"))
+        items.append(text_item(concept("comment"), f"{provenance.algorithm_name}: {result.not_analysed.text}"))
     for finding in result.findings:
-        items.append(_text(finding.concept, decision_text(finding)))
+        items.append(text_item(finding.concept, decisiontext_item(finding)))
     for meaning, scores in top.items():
-        items.append(_text(scores[0].concept, score_list_text(result, meaning, scores)))
+        items.append(text_item(scores[0].concept, score_listtext_item(result, meaning, scores)))
     by_finding: dict[Concept, list[SideExplanation]] = defaultdict(list)
     for explanation in result.explanations:
         by_finding[explanation.explains].append(explanation)
     for explanations in by_finding.values():
-        items.append(_text(concept("visual explanation"), explanation_text(explanations)))
+        items.append(text_item(concept("visual explanation"), explanationtext_item(explanations)))
     return items
 
 
@@ -199,6 +221,15 @@ def _insert_before_image_library(root: Dataset, item: Dataset) -> None:
     )
     sequence.insert(library, item)
     root.ContentSequence = hd.sr.ContentSequence(sequence, is_root=False)
+
+
+def report_lines(sr: Dataset) -> list[str]:
+    """The lines a reader sees first in one of our SRs (the report-level Qualitative Evaluations'
+    texts: demonstration notice, findings, top scores, explanations), for the study summary."""
+    for item in sr.get("ContentSequence", []):
+        if item.ConceptNameCodeSequence[0].CodeValue == concept("qualitative evaluations").value:
+            return [str(child.TextValue) for child in item.get("ContentSequence", []) if child.ValueType == "TEXT"]
+    return []
 
 
 # -- the TID 1501 groups ----------------------------------------------------------------------------
@@ -229,7 +260,7 @@ def _source_procedure_codes(sources: Sequence[Dataset]) -> list[hd.sr.CodedConce
     return list(found.values())
 
 
-def _procedure_reported(sources: Sequence[Dataset]) -> hd.sr.CodedConcept:
+def procedure_reported(sources: Sequence[Dataset]) -> hd.sr.CodedConcept:
     """TID 1500 Procedure Reported: the source's own code when it is a CID 100 code, else the
     CID 100 code for the source's modality.
 
@@ -420,13 +451,13 @@ def _group_source_image(ref: ImageRef) -> hd.sr.SourceImageForMeasurementGroup:
     )
 
 
-def _text(name: Concept, value: str) -> hd.sr.TextContentItem:
+def text_item(name: Concept, value: str) -> hd.sr.TextContentItem:
     return hd.sr.TextContentItem(
         name=coded(name), value=value, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
     )
 
 
-def _qualitative_evaluations(items: Sequence[hd.sr.ContentItem]) -> hd.sr.ContainerContentItem:
+def qualitative_evaluations(items: Sequence[hd.sr.ContentItem]) -> hd.sr.ContainerContentItem:
     """TID 1500 row 12, the report-level Qualitative Evaluations container.
 
     Hand-written: highdicom's MeasurementReport has no argument for it.
