@@ -318,3 +318,77 @@ def test_every_input_capable_series_gets_its_fate() -> None:
     changed = encode_summary(replace(summary, chains=summary.chains[:1]), mr_series(1)[0], 3)[0]
     assert again.SOPInstanceUID == card.SOPInstanceUID != changed.SOPInstanceUID
     assert changed.SeriesInstanceUID == card.SeriesInstanceUID
+
+
+# --- end to end: phantoms through the node into Orthanc ---------------------------------------------
+
+E2E_STUDIES = {  # name → (seed, SPEC, kinds): modified New York grades per side
+    "left only": (91001, {"lesions": [], "mny_grade": {"left": 4, "right": 0}}, ("mri", "xr")),
+    "right only": (91002, {"lesions": [], "mny_grade": {"left": 0, "right": 4}}, ("xr",)),
+    "bilateral": (91003, {"lesions": [], "mny_grade": {"left": 4, "right": 4}}, ("xr",)),
+    "none": (91004, "none", ("xr",)),
+}
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+def _study_objects(pacs, study_uid: str) -> list[pydicom.Dataset] | None:
+    """The node's objects of one study in Orthanc: chain SR, 2 heatmaps, summary card and SR."""
+    matches = [m for m in pacs.lookup(study_uid) if m.get("Type") == "Study"]
+    if not matches:
+        return None
+    found = []
+    for series in pacs.get(f"/studies/{matches[0]['ID']}/series"):
+        if "AI " not in series["MainDicomTags"].get("SeriesDescription", ""):
+            continue
+        found += [pydicom.dcmread(DicomBytesIO(pacs.instance_file(i))) for i in series["Instances"]]
+    return found if len(found) >= 5 else None
+
+
+@pytest.mark.slow
+def test_phantoms_through_the_node_state_no_side_and_get_a_summary(tmp_path: Path) -> None:
+    from pipeline.phantom import generate_study, write_study
+    from tests.node_harness import NODE_AET, REPO, Node
+    from tests.peers import LOOPBACK, orthanc, run_storescu, wait_for
+
+    chain = {"name": "xr-anatomy", "implementation": "pipeline.chains.xr_anatomy.chain:XRAnatomyChain",
+             "pack": str(REPO / "packs" / "xr-anatomy-demo"), "requires": [{"role": "XR"}]}
+    studies = {name: generate_study(seed, kinds=kinds, lesions=spec) for name, (seed, spec, kinds) in E2E_STUDIES.items()}
+    with orthanc(tmp_path / "orthanc") as pacs:
+        overrides = {"peers": [{"name": "pacs", "ae_title": pacs.aet, "host": LOOPBACK, "port": pacs.dicom_port}], "chains": [chain]}
+        with Node(tmp_path / "node", overrides) as node:
+            for name, study in studies.items():
+                folder = write_study(study, tmp_path / "phantoms" / name.replace(" ", "-"))
+                sent = run_storescu(sorted(folder.glob("*/*.dcm")), node.port, NODE_AET)
+                assert sent.returncode == 0, sent.stderr
+            objects = {
+                name: wait_for(lambda uid=study.study_uid: _study_objects(pacs, uid), timeout=300, interval=1.0,
+                               what=f"the {name} phantom's results in Orthanc\n{node.output_tail()}")
+                for name, study in studies.items()
+            }
+    srs: dict[str, Path] = {}
+    for name, found in objects.items():
+        chain_sr = [ds for ds in found if str(ds.SOPClassUID) == SR_CLASS and "summary" not in ds.SeriesDescription]
+        card = [ds for ds in found if "results card" in ds.SeriesDescription]
+        summary_sr = [ds for ds in found if "summary report" in ds.SeriesDescription]
+        assert (len(chain_sr), len(card), len(summary_sr)) == (1, 1, 1), [ds.SeriesDescription for ds in found]
+        for kind, dataset in (("chain", chain_sr[0]), ("summary", summary_sr[0])):
+            srs[f"{name} {kind}"] = tmp_path / f"{name.replace(' ', '-')}-{kind}.dcm"
+            dataset.save_as(srs[f"{name} {kind}"], enforce_file_format=True)
+        # no SR asserts a side: the finding's site has no laterality; sides only in the explanation
+        sr = hd.sr.Comprehensive3DSR.from_dataset(chain_sr[0])
+        for group in sr.content.get_image_measurement_groups():
+            sides = [site.laterality for site in group.finding_sites if site.laterality is not None]
+            assert not sides or group.finding_type.meaning == "Visual explanation", group.tracking_identifier
+        text = reader_text(srs[f"{name} chain"])
+        assert "both sides together (no side decided)" in text and "Bilateral" not in text
+        assert text.index("probability") < text.index("Image Library")
+        # the summary lists the chain's finding and every input-capable series with its fate
+        summary_text = reader_text(srs[f"{name} summary"])
+        assert "xr-anatomy: " in summary_text and "analysed by xr-anatomy" in summary_text
+        assert "DEMONSTRATION" in card[0].SeriesDescription and "summary" in card[0].SeriesDescription
+    mri_lines = reader_text(srs["left only summary"])
+    for role in ("T1", "STIR", "T2FS"):
+        assert re.search(rf"\(MR {role} [a-z]+\): not analysed: no chain configured", mri_lines), (role, mri_lines)
+    reports = pixelmed_sr_validator(list(srs.values()), tmp_path)
+    for name, path in srs.items():
+        assert warnings_and_errors(reports[path]) == [], (name, reports[path][-2000:])

@@ -231,6 +231,11 @@ def series_description(summary: StudySummary, kind: str) -> str:
     return f"{mark}AI summary {kind} sijnode"[:LONG_STRING_MAX]
 
 
+def summary_series_uids(study_uid: str) -> tuple[str, str]:
+    """The Series Instance UIDs of a study's results card and summary SR (the same for every version)."""
+    return derived_uid(study_uid, "summary card"), derived_uid(study_uid, "summary SR")
+
+
 def render_card(summary: StudySummary) -> np.ndarray:
     """The results card's pixels: title, demonstration banner, findings, series fates."""
     font = ImageFont.load_default(size=CARD_FONT_PX)
@@ -273,7 +278,7 @@ def encode_summary(summary: StudySummary, reference: Dataset, version: int) -> l
     """The results card (RGB Secondary Capture) and the summary SR, for the study of ``reference``
     (any of its instances: patient and study modules are copied from it)."""
     fingerprint = summary.fingerprint
-    card_series = derived_uid(summary.study_uid, "summary card")
+    card_series, _ = summary_series_uids(summary.study_uid)
     card = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=reference,
         pixel_array=render_card(summary),
@@ -316,7 +321,7 @@ def _summary_sr(summary: StudySummary, reference: Dataset, version: int) -> hd.s
     report[0].ContentSequence.append(
         qualitative_evaluations([text_item(concept(names[kind]), value) for kind, value in summary.lines() if kind in names])
     )
-    series_uid = derived_uid(summary.study_uid, "summary SR")
+    _, series_uid = summary_series_uids(summary.study_uid)
     return hd.sr.Comprehensive3DSR(
         evidence=[reference],
         content=report[0],
