@@ -7,7 +7,6 @@ are imported inside the worker process by ``pipeline.chains.load_chain``.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import signal
@@ -17,15 +16,17 @@ import time
 import traceback
 from pathlib import Path
 
-from pydicom import dcmread, dcmwrite
+from pydicom import dcmread
 
 from node import metrics
 from node.config import Config, ConfigError, load_config
 from node.logs import log_event, redact, set_levels, setup_logging
 from node.uids import short_uid
+from node.summary import update_study_summary, write_results
 from pipeline.chains import Chain, RuntimeSettings, SeriesInput, StudyInputs, load_chain
 from pipeline.route import ChainSpec, OutputPlan
 from storage.spool import Spool
+from storage.models import JobState
 from storage.store import ClaimedJob, ProducedObject, Store
 
 log = logging.getLogger("sijnode.worker")
@@ -92,6 +93,8 @@ class Worker:
                 study_uid=job.study_uid,
                 state=state,
             )
+            if state == JobState.FAILED:
+                self._summarise(job)
             return True
         finally:
             stop_renewing.set()
@@ -110,6 +113,7 @@ class Worker:
                 outputs=len(produced),
                 destinations=destinations,
             )
+            self._summarise(job)
         else:
             log_event(log, logging.WARNING, "job result discarded: the job was taken over", job_id=job.id)
         return True
@@ -118,6 +122,13 @@ class Worker:
         """The job's result version, its series numbers and names, and the SR it supersedes."""
         previous = [dcmread(self.spool.absolute(path), stop_before_pixels=True) for path in job.previous_sr_paths]
         return OutputPlan.for_chain(self.spec(job.chain).series, job.result_version, previous)
+
+    def _summarise(self, job: ClaimedJob) -> None:
+        """The study summary, once the study's last job has ended; its failure fails no job."""
+        try:
+            update_study_summary(self.store, self.spool, self.config, job.study_uid, job.id)
+        except Exception as error:
+            log_event(log, logging.ERROR, "study summary failed", job_id=job.id, error=_describe(error))
 
     def _run(self, job: ClaimedJob) -> list[ProducedObject]:
         inputs = StudyInputs(
@@ -129,15 +140,7 @@ class Worker:
             options=dict(self.spec(job.chain).options),
             output=self.output_plan(job),
         )
-        datasets = self.chain(job.chain).produce(inputs)
-        produced = []
-        for dataset in datasets:
-            buffer = io.BytesIO()
-            dcmwrite(buffer, dataset, enforce_file_format=True)
-            relative = self.spool.result_path(job.study_uid, job.id, str(dataset.SOPInstanceUID))
-            self.spool.write_atomic(relative, buffer.getbuffer())
-            produced.append(ProducedObject(str(dataset.SOPInstanceUID), str(dataset.SOPClassUID), relative))
-        return produced
+        return write_results(self.spool, job.study_uid, job.id, self.chain(job.chain).produce(inputs))
 
     def _renew_lease(self, job_id: int, stop: threading.Event) -> None:
         lease = self.config.workers.lease_seconds
