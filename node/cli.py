@@ -412,8 +412,11 @@ def _study_results(config: Config, store: Store, detail: dict[str, Any]) -> dict
             if kind == "SR":
                 try:
                     report = read_report(spool.absolute(output.path))
-                    entry["findings"] += report.findings
-                    entry["demonstration"] = report.demonstration
+                    if report.summary:  # the study summary repeats every chain's findings
+                        kind = "summary SR"
+                    else:
+                        entry["findings"] += report.findings
+                        entry["demonstration"] = report.demonstration
                 except Exception as error:  # a missing or unreadable file is shown, not fatal
                     entry["error"] = f"cannot read the SR {output.path}: {type(error).__name__}: {error}"
             entry["outputs"].append({

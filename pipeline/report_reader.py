@@ -38,6 +38,7 @@ class ReportedFinding:
 class Report:
     findings: list[ReportedFinding]
     demonstration: bool
+    summary: bool = False  # the study summary SR (node/summary.py): every chain's findings again
 
 
 def _code(item: Any, attribute: str = "ConceptNameCodeSequence") -> tuple[str, str] | None:
@@ -75,6 +76,9 @@ def _finding(group: Any) -> ReportedFinding | None:
             texts.setdefault(concept, []).append(str(item.TextValue))
         elif kind == "NUM" and concept == PROBABILITY:
             probability = float(item.MeasuredValueSequence[0].NumericValue)
+            # The decision is a coded modifier of the probability (or, in older reports, a
+            # qualitative evaluation beside it): either way a CODE named like the finding.
+            codes += [(_code(child), child) for child in item.get("ContentSequence", ()) if child.get("ValueType") == "CODE"]
         elif kind == "CODE" and concept == FINDING:
             finding_code, finding_meaning = _code(item, "ConceptCodeSequence"), _meaning(item, "ConceptCodeSequence")
         elif kind == "CODE":
@@ -98,5 +102,5 @@ def read_report(path: Path | str) -> Report:
 
     dataset = dcmread(path)
     findings = [finding for group in _groups(dataset.get("ContentSequence")) if (finding := _finding(group))]
-    demonstration = "DEMONSTRATION" in str(dataset.get("SeriesDescription", "")).upper()
-    return Report(findings, demonstration)
+    description = str(dataset.get("SeriesDescription", "")).upper()
+    return Report(findings, "DEMONSTRATION" in description, "AI SUMMARY" in description)
