@@ -81,6 +81,11 @@ class StorageConfig(_Strict):
 
 
 class StudyConfig(_Strict):
+    # A study completes this long after the last association that delivered it was released,
+    # when no other association is delivering it (the sender said it is done)...
+    release_grace_seconds: Annotated[float, Field(ge=0)] = 3.0
+    # ...or, failing that, after this long without new instances (senders that keep
+    # associations open, abort them, or split a study over associations with long pauses).
     quiet_seconds: Annotated[float, Field(ge=0)] = 30.0
     # Instances that arrive after a study completed: re-open it and process a new version,
     # or keep them without processing again.

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import io
 import ipaddress
+import itertools
 import logging
+import os
+import socket
 import ssl
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field, replace
 
 from pydicom import Dataset, dcmread
 from pydicom.datadict import dictionary_VR
@@ -201,6 +205,16 @@ class StoreRequest:
     # The instance as a DICOM file: preamble, file meta (from the presentation context) and
     # the dataset exactly as received.
     encoded: bytes
+    # The delivering association, when the request came over one (not in direct calls).
+    delivery: "_Delivery | None" = None
+
+
+@dataclass
+class _Delivery:
+    """What one association delivered: its durable key and the studies already recorded for it."""
+
+    key: str
+    studies: set[str] = field(default_factory=set)
 
 
 class Receiver:
@@ -211,6 +225,11 @@ class Receiver:
         self.store = store
         self.spool = spool
         self.server: ThreadedAssociationServer | None = None
+        # The process that owns this receiver's associations in the database (AssociationStudy).
+        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        self._serials = itertools.count(1)
+        self._deliveries: dict[int, _Delivery] = {}  # id(Association) -> what it delivered
+        self._deliveries_lock = threading.Lock()
 
     # -- pynetdicom event handlers ------------------------------------------------------------
 
@@ -242,8 +261,42 @@ class Receiver:
             affected_sop_instance_uid=str(event.request.AffectedSOPInstanceUID),
             calling_ae_title=event.assoc.requestor.ae_title,
             encoded=event.encoded_dataset(include_meta=True),
+            delivery=self._delivery(event.assoc),
         )
         return self.store_instance(request)
+
+    # -- association ends: completion follows the sender ----------------------------------------
+
+    def _delivery(self, assoc: object) -> _Delivery:
+        with self._deliveries_lock:
+            delivery = self._deliveries.get(id(assoc))
+            if delivery is None:
+                delivery = self._deliveries[id(assoc)] = _Delivery(f"{self.owner}:{next(self._serials)}")
+            return delivery
+
+    def handle_released(self, event: evt.Event) -> None:
+        """EVT_RELEASED: the sender is done with this association; its studies may complete soon."""
+        self._association_ended(event.assoc, released=True)
+
+    def handle_conn_close(self, event: evt.Event) -> None:
+        """EVT_CONN_CLOSE: an association closed without release (abort, lost connection) was cut off.
+
+        The DUL thread may close the connection before the reactor thread fires EVT_RELEASED for
+        the same association: a close in state Sta13 (A-RELEASE-RP sent, awaiting the close; PS3.8
+        9.2) is a release. Sta13 also follows an abort sent by this node (network timeout), after
+        which the sender has been silent longer than the quiet period anyway.
+        """
+        self._association_ended(event.assoc, released=event.assoc.dul.state_machine.current_state == "Sta13")
+
+    def _association_ended(self, assoc: object, released: bool) -> None:
+        with self._deliveries_lock:
+            delivery = self._deliveries.pop(id(assoc), None)
+        if delivery is None or not delivery.studies:
+            return
+        try:
+            self.store.association_ended(delivery.key, released)
+        except Exception as error:  # the row stays open: its studies complete by the quiet period
+            log_event(log, logging.WARNING, "could not record the end of an association", error=type(error).__name__)
 
     # -- the receive stage --------------------------------------------------------------------
 
@@ -258,10 +311,15 @@ class Receiver:
             return self._rejected(request, Status.OUT_OF_RESOURCES, str(error))
         except OSError as error:
             return self._rejected(request, Status.OUT_OF_RESOURCES, f"spool write failed: {error.strerror or error}")
+        delivery = request.delivery
+        if delivery is not None and incoming.study_uid not in delivery.studies:
+            incoming = replace(incoming, association=delivery.key, association_owner=self.owner)
         try:
             outcome = self.store.record_instance(incoming, self.config.storage.duplicates, self.config.study.late_instances)
         except Exception as error:  # the database is down or full: the sender must retry later
             return self._rejected(request, Status.OUT_OF_RESOURCES, f"database write failed: {type(error).__name__}")
+        if delivery is not None:
+            delivery.studies.add(incoming.study_uid)
         log_event(
             log,
             logging.DEBUG,
@@ -362,6 +420,8 @@ class Receiver:
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_CONN_OPEN, self.handle_conn_open),
             (evt.EVT_REJECTED, self.handle_rejected),
+            (evt.EVT_RELEASED, self.handle_released),
+            (evt.EVT_CONN_CLOSE, self.handle_conn_close),
         ]
         self.server = self.build_ae().start_server(
             (settings.bind, settings.port), block=False, evt_handlers=handlers, ssl_context=server_ssl_context(self.config)

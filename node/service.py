@@ -30,6 +30,10 @@ log = logging.getLogger("sijnode.service")
 
 HEARTBEAT_NAME = "service"
 HEARTBEAT_SECONDS = 5.0
+# How often due studies are looked for: small against the release grace period.
+COMPLETION_POLL_SECONDS = 0.5
+# Association rows matter only until their study completes; older ones are deleted.
+ASSOCIATION_ROWS_KEPT_SECONDS = 86400.0
 
 
 class Service:
@@ -85,6 +89,10 @@ class Service:
         jobs, deliveries = self.store.expire_claims()
         if jobs or deliveries:
             log_event(log, logging.INFO, "took back work left claimed by the previous run", jobs=jobs, deliveries=deliveries)
+        # Associations open when the predecessor died were cut off, not released.
+        cut_off = self.store.abort_open_associations()
+        if cut_off:
+            log_event(log, logging.INFO, "associations cut off by the previous run's end; their studies wait for the quiet period", associations=cut_off)
 
     def run(self) -> None:
         """Run until SIGTERM/SIGINT."""
@@ -103,13 +111,15 @@ class Service:
                 now = utcnow().timestamp()
                 if now - last_beat >= HEARTBEAT_SECONDS:
                     self._beat()
+                    self.store.forget_ended_associations(ASSOCIATION_ROWS_KEPT_SECONDS)
                     last_beat = now
                 # A quiet period counts only while the node listens: after a restart, senders
                 # interrupted by the outage get a full period to resume before studies complete.
-                if now - self.started_at.timestamp() >= self.config.study.quiet_seconds:
-                    complete_due_studies(self.store, self.config)
+                # A released study is due anyway: its sender said it was done.
+                quiet_counts = now - self.started_at.timestamp() >= self.config.study.quiet_seconds
+                complete_due_studies(self.store, self.config, quiet_period_counts=quiet_counts)
                 self._supervise_workers()
-                self.stop_event.wait(1.0)
+                self.stop_event.wait(COMPLETION_POLL_SECONDS)
         finally:
             self.shutdown()
 
