@@ -56,7 +56,7 @@ def complete_study(store: Store, config: Config, study_uid: str, new_version: bo
                 series_number=record.series_number,
             )
         )
-    chains = [chain for chain in config.chains if chain.enabled]
+    chains = config.enabled_chains
     routing = plan_routing(candidates, chains)
     jobs = [NewJob(job.chain, dict(job.inputs)) for job in routing.jobs]
     note = "; ".join(routing.lines) if chains else "no chain is configured"

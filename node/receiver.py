@@ -12,8 +12,10 @@ import ipaddress
 import itertools
 import logging
 import os
+import signal
 import socket
 import ssl
+import tempfile
 import threading
 from dataclasses import dataclass, field, replace
 
@@ -21,7 +23,7 @@ from pydicom import Dataset, dcmread
 from pydicom.datadict import dictionary_VR
 from pydicom.uid import UID
 from pydicom.valuerep import VR
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, build_context, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, build_context, evt
 from pynetdicom.acse import ACSE
 from pynetdicom.sop_class import (
     ComputedRadiographyImageStorage,
@@ -217,6 +219,36 @@ class _Delivery:
     studies: set[str] = field(default_factory=set)
 
 
+class _SharedPortServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server bound with SO_REUSEPORT: several receiver processes listen on
+    the one port and the kernel spreads new connections over them (one Python process is bound by
+    its GIL; bench/README.md). ``claim_port`` keeps a second service off the port."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+class PortInUse(RuntimeError):
+    """Another sijnode service already listens on the receiver's port."""
+
+
+def claim_port(port: int) -> socket.socket:
+    """Hold the receiver's port for this service: a Linux abstract socket named after it.
+
+    SO_REUSEPORT lets every process of the same user bind the port, so a second service would
+    silently share the traffic. Only one process can bind an abstract socket name; the kernel
+    frees it when the process dies, even by kill -9. Keep the returned socket open.
+    """
+    guard = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        guard.bind(f"\0sijnode-receiver-port-{port}")
+    except OSError:
+        guard.close()
+        raise PortInUse(f"another sijnode service listens on port {port}") from None
+    return guard
+
+
 class Receiver:
     """Owns the pynetdicom AE and turns C-STORE requests into spool files and rows."""
 
@@ -230,6 +262,10 @@ class Receiver:
         self._serials = itertools.count(1)
         self._deliveries: dict[int, _Delivery] = {}  # id(Association) -> what it delivered
         self._deliveries_lock = threading.Lock()
+        if config.logging.level != "DEBUG":
+            # pynetdicom's "standard" handlers format a log text for every PDU and DIMSE message
+            # even when nothing is logged at that level: off the hot path unless debugging.
+            _config.LOG_HANDLER_LEVEL = "none"
 
     # -- pynetdicom event handlers ------------------------------------------------------------
 
@@ -413,7 +449,7 @@ class Receiver:
         return ae
 
     def start(self) -> ThreadedAssociationServer:
-        """Start listening in background threads."""
+        """Start listening in background threads, sharing the port with the other receiver processes."""
         settings = self.config.receiver
         handlers = [
             (evt.EVT_C_ECHO, self.handle_echo),
@@ -423,10 +459,21 @@ class Receiver:
             (evt.EVT_RELEASED, self.handle_released),
             (evt.EVT_CONN_CLOSE, self.handle_conn_close),
         ]
-        self.server = self.build_ae().start_server(
-            (settings.bind, settings.port), block=False, evt_handlers=handlers, ssl_context=server_ssl_context(self.config)
+        ae = self.build_ae()
+        server = ae.make_server(
+            (settings.bind, settings.port),
+            evt_handlers=handlers,
+            ssl_context=server_ssl_context(self.config),
+            server_class=_SharedPortServer,
         )
-        log_event(log, logging.INFO, "receiver listening", ae_title=settings.ae_title, bind=settings.bind, port=settings.port, tls=settings.tls.enabled)
+        # What AE.start_server(block=False) does, with our server class.
+        ae._servers.append(server)
+        threading.Thread(target=server.serve_forever, name="sijnode-receiver", daemon=True).start()
+        self.server = server
+        log_event(
+            log, logging.INFO, "receiver listening", ae_title=settings.ae_title, bind=settings.bind, port=settings.port,
+            tls=settings.tls.enabled, pid=os.getpid(),
+        )
         return self.server
 
     def stop(self) -> None:
@@ -447,3 +494,27 @@ def server_ssl_context(config: Config) -> ssl.SSLContext | None:
         context.verify_mode = ssl.CERT_REQUIRED
         context.load_verify_locations(str(tls.client_ca))
     return context
+
+
+def receiver_main(config_path: str, index: int) -> None:
+    """Entry point of an extra receiver process (receiver.processes > 1); SIGTERM stops it.
+
+    It shares the port, the database and the spool with the service's own receiver; every
+    guarantee holds per instance, whichever process takes the association.
+    """
+    from node.config import load_config
+    from node.logs import setup_logging
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent decides
+    config = load_config(config_path)
+    setup_logging(config.logging.level, config.logging.format, config.logging.file)
+    store = Store(config.database_url)
+    spool = Spool(config.storage.data_dir, config.storage.free_space_reserve_mb)
+    tempfile.tempdir = str(spool.tmp_dir)
+    receiver = Receiver(config, store, spool)
+    receiver.start()
+    stop.wait()
+    receiver.stop()
+    store.dispose()

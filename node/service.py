@@ -19,7 +19,7 @@ from datetime import datetime
 from node.completion import complete_due_studies
 from node.config import Config
 from node.logs import log_event
-from node.receiver import Receiver
+from node.receiver import Receiver, claim_port, receiver_main
 from node.sender import Sender
 from node.worker import worker_main
 from storage.models import utcnow
@@ -32,6 +32,8 @@ HEARTBEAT_NAME = "service"
 HEARTBEAT_SECONDS = 5.0
 # How often due studies are looked for: small against the release grace period.
 COMPLETION_POLL_SECONDS = 0.5
+# How often idle workers and the sender look for new work: it adds to every study's turnaround.
+HANDOVER_POLL_SECONDS = 0.25
 # Association rows matter only until their study completes; older ones are deleted.
 ASSOCIATION_ROWS_KEPT_SECONDS = 86400.0
 
@@ -47,22 +49,37 @@ class Service:
         # pynetdicom and pydicom temporary files land on the spool's filesystem.
         tempfile.tempdir = str(self.spool.tmp_dir)
         self.receiver = Receiver(config, self.store, self.spool)
-        self.sender = Sender(config, self.store, self.spool)
+        self.sender = Sender(config, self.store, self.spool, poll_seconds=HANDOVER_POLL_SECONDS)
         self._mp = multiprocessing.get_context("spawn")
         self._workers: dict[int, multiprocessing.process.BaseProcess] = {}
+        # Receiver processes besides the service's own receiver (index 0), on the same port.
+        self._receivers: dict[int, multiprocessing.process.BaseProcess] = {}
 
     def _start_worker(self, index: int) -> None:
         process = self._mp.Process(
-            target=worker_main, args=(self.config_path, index), name=f"sijnode-worker-{index}", daemon=True
+            target=worker_main, args=(self.config_path, index, HANDOVER_POLL_SECONDS), name=f"sijnode-worker-{index}", daemon=True
         )
         process.start()
         self._workers[index] = process
+
+    def _start_receiver(self, index: int) -> None:
+        process = self._mp.Process(
+            target=receiver_main, args=(self.config_path, index), name=f"sijnode-receiver-{index}", daemon=True
+        )
+        process.start()
+        self._receivers[index] = process
 
     def _supervise_workers(self) -> None:
         for index, process in list(self._workers.items()):
             if not process.is_alive():
                 log_event(log, logging.ERROR, "worker exited; restarting", worker=index, exitcode=process.exitcode)
                 self._start_worker(index)
+        for index, process in list(self._receivers.items()):
+            if not process.is_alive():
+                # Its associations were cut off: their studies wait for the quiet period.
+                self.store.abort_open_associations(owner=f"{socket.gethostname()}:{process.pid}")
+                log_event(log, logging.ERROR, "receiver process exited; restarting", receiver=index, exitcode=process.exitcode)
+                self._start_receiver(index)
 
     def _beat(self) -> None:
         detail = {
@@ -99,12 +116,18 @@ class Service:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: self.stop_event.set())
         # Listening first: a second service on the same port fails here, before touching claims.
+        self._port_guard = claim_port(self.config.receiver.port)
         self.receiver.start()
         self._take_back_claims()
-        for index in range(self.config.workers.processes):
+        for index in range(1, self.config.receiver_count):
+            self._start_receiver(index)
+        for index in range(self.config.worker_count):
             self._start_worker(index)
         self.sender.start()
-        log_event(log, logging.INFO, "service started", pid=os.getpid(), workers=self.config.workers.processes)
+        log_event(
+            log, logging.INFO, "service started", pid=os.getpid(), receivers=self.config.receiver_count,
+            workers=self.config.worker_count, torch_threads=self.config.torch_threads,
+        )
         last_beat = 0.0
         try:
             while not self.stop_event.is_set():
@@ -127,9 +150,11 @@ class Service:
         log_event(log, logging.INFO, "service stopping")
         self.receiver.stop()
         self.sender.stop()
-        for process in self._workers.values():
+        for process in [*self._receivers.values(), *self._workers.values()]:
             if process.is_alive():
-                process.terminate()  # SIGTERM: the worker finishes its current job, then exits
+                process.terminate()  # SIGTERM: a worker finishes its current job, then exits
+        for process in self._receivers.values():
+            process.join(timeout=30)
         for process in self._workers.values():
             process.join(timeout=60)
             if process.is_alive():
