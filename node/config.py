@@ -113,6 +113,9 @@ class WorkerConfig(_Strict):
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     # "auto": the CPUs shared out among the workers (at least 1 each).
     torch_threads: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    # fp32: the exact published computation. bf16: an optional faster mode on CPUs with AMX or
+    # AVX512-BF16 (and on GPUs); its measured deviation is in bench/README.md.
+    precision: Literal["fp32", "bf16"] = "fp32"
 
     def worker_count(self, enabled_chains: int) -> int:
         """How many worker processes the service starts."""

@@ -39,7 +39,9 @@ class Worker:
         self.spool = spool
         self.name = name
         self._chains: dict[str, Chain] = {}
-        self.runtime = RuntimeSettings(device=config.workers.device, torch_threads=config.torch_threads)
+        self.runtime = RuntimeSettings(
+            device=config.workers.device, torch_threads=config.torch_threads, precision=config.workers.precision
+        )
 
     def spec(self, name: str) -> ChainSpec:
         for spec in self.config.chains:
