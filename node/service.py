@@ -57,14 +57,17 @@ class Service:
 
     def _start_worker(self, index: int) -> None:
         process = self._mp.Process(
-            target=worker_main, args=(self.config_path, index, HANDOVER_POLL_SECONDS), name=f"sijnode-worker-{index}", daemon=True
+            target=worker_main,
+            args=(self.config_path, index, os.getpid(), HANDOVER_POLL_SECONDS),
+            name=f"sijnode-worker-{index}",
+            daemon=True,
         )
         process.start()
         self._workers[index] = process
 
     def _start_receiver(self, index: int) -> None:
         process = self._mp.Process(
-            target=receiver_main, args=(self.config_path, index), name=f"sijnode-receiver-{index}", daemon=True
+            target=receiver_main, args=(self.config_path, index, os.getpid()), name=f"sijnode-receiver-{index}", daemon=True
         )
         process.start()
         self._receivers[index] = process
@@ -96,7 +99,8 @@ class Service:
 
         Its workers and sender died with it, so jobs it left running and deliveries it left
         sending would otherwise wait up to a lease (workers.lease_seconds, 30 min by default).
-        Nothing is taken back while another service on this database still beats.
+        Their half-written temporary spool files go too. Nothing is taken back (or removed) while
+        another service on this database still beats.
         """
         previous = self.store.heartbeat(HEARTBEAT_NAME)
         if previous is not None and _still_running(*previous):
@@ -106,6 +110,9 @@ class Service:
         jobs, deliveries = self.store.expire_claims()
         if jobs or deliveries:
             log_event(log, logging.INFO, "took back work left claimed by the previous run", jobs=jobs, deliveries=deliveries)
+        removed = self.spool.clear_tmp()
+        if removed:
+            log_event(log, logging.INFO, "removed temporary spool files left by the previous run", files=removed)
         # Associations open when the predecessor died were cut off, not released.
         cut_off = self.store.abort_open_associations()
         if cut_off:
