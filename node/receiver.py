@@ -16,6 +16,7 @@ import ssl
 import tempfile
 import threading
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from pydicom import Dataset
 from pydicom.uid import UID
@@ -420,7 +421,7 @@ def server_ssl_context(config: Config) -> ssl.SSLContext | None:
     return context
 
 
-def receiver_main(config_path: str, index: int, parent_pid: int | None = None) -> None:
+def receiver_main(config_path: str, index: int, parent_pid: int | None = None, listening: Any = None) -> None:
     """Entry point of an extra receiver process (receiver.processes > 1); SIGTERM stops it.
 
     It shares the port, the database and the spool with the service's own receiver; every
@@ -442,6 +443,9 @@ def receiver_main(config_path: str, index: int, parent_pid: int | None = None) -
     tempfile.tempdir = str(spool.tmp_dir)
     receiver = Receiver(config, store, spool)
     receiver.start()
+    if listening is not None:  # the service waits for this before it listens itself
+        listening.send(True)
+        listening.close()
     while not stop.wait(1.0):
         if parent_pid is not None and os.getppid() != parent_pid:
             break  # the service is gone

@@ -14,7 +14,9 @@ import signal
 import socket
 import tempfile
 import threading
+import time
 from datetime import datetime
+from multiprocessing.connection import Connection
 
 from node.completion import complete_due_studies
 from node.config import Config
@@ -65,12 +67,33 @@ class Service:
         process.start()
         self._workers[index] = process
 
-    def _start_receiver(self, index: int) -> None:
+    def _start_receiver(self, index: int) -> Connection:
+        """Start an extra receiver process; it says on the returned connection once it listens."""
+        listening, tell_listening = self._mp.Pipe(duplex=False)
         process = self._mp.Process(
-            target=receiver_main, args=(self.config_path, index, os.getpid()), name=f"sijnode-receiver-{index}", daemon=True
+            target=receiver_main,
+            args=(self.config_path, index, os.getpid(), tell_listening),
+            name=f"sijnode-receiver-{index}",
+            daemon=True,
         )
         process.start()
+        tell_listening.close()
         self._receivers[index] = process
+        return listening
+
+    def _await_listening(self, connections: list[Connection], timeout: float = 120.0) -> None:
+        """Wait until the extra receiver processes listen (or fail: the others serve without them)."""
+        deadline = time.monotonic() + timeout
+        for index, connection in enumerate(connections, start=1):
+            try:
+                if connection.poll(max(0.0, deadline - time.monotonic())):
+                    connection.recv()
+                    continue
+            except EOFError:
+                pass  # it died before listening; supervision restarts it
+            finally:
+                connection.close()
+            log_event(log, logging.ERROR, "receiver process did not start listening", receiver=index)
 
     def _supervise_workers(self) -> None:
         for index, process in list(self._workers.items()):
@@ -122,12 +145,13 @@ class Service:
         """Run until SIGTERM/SIGINT."""
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: self.stop_event.set())
-        # Listening first: a second service on the same port fails here, before touching claims.
+        # The port first: a second service on the same port fails here, before touching claims.
         self._port_guard = claim_port(self.config.receiver.port)
-        self.receiver.start()
         self._take_back_claims()
-        for index in range(1, self.config.receiver_count):
-            self._start_receiver(index)
+        self._await_listening([self._start_receiver(index) for index in range(1, self.config.receiver_count)])
+        # The service's own receiver listens last: once it answers, every receiver process does.
+        self.receiver.start()
+        self.started_at = utcnow()  # the quiet period counts from here
         for index in range(self.config.worker_count):
             self._start_worker(index)
         self.sender.start()
