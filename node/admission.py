@@ -274,7 +274,7 @@ class _GatedRequestHandler(RequestHandler):
         server: GatedAssociationServer = self.server  # type: ignore[assignment]
         sock, prefix = self.request
         self.request = sock
-        assoc = Association(self.ae, "acceptor")
+        assoc = server.association_class(self.ae, "acceptor")
         assoc._server = server
         assoc.name = f"AcceptorThread@{time.strftime('%Y%m%d%H%M%S')}"
         assoc.set_socket(GuardedSocket(assoc, sock, prefix, server.limits.pdu_timeout_s, server.max_pdu_read))
@@ -304,6 +304,8 @@ class GatedAssociationServer(ThreadedAssociationServer):
     once that request is complete. ``on_drop(reason, address)`` hears of each connection closed
     before that.
     """
+
+    association_class: type[Association] = Association
 
     def __init__(
         self,

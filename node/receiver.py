@@ -39,6 +39,7 @@ from pynetdicom.sop_class import (
 from node.admission import AdmissionPolicy, GatedAssociationServer, GuardedACSE, OversizedDataset
 from node.config import Config
 from node.logs import log_event
+from node.reactor import QueueWaitAssociation
 from node.validation import InstanceRejected, Status, check_structure, check_usable, read_instance
 from pipeline.classify import header_summary
 from storage.spool import Spool, SpoolFullError
@@ -124,7 +125,10 @@ class _Delivery:
 class _SharedPortServer(GatedAssociationServer):
     """The gated association server bound with SO_REUSEPORT: several receiver processes listen on
     the one port and the kernel spreads new connections over them (one Python process is bound by
-    its GIL; bench/README.md). ``claim_port`` keeps a second service off the port."""
+    its GIL; bench/README.md). ``claim_port`` keeps a second service off the port. Its associations
+wait on their DIMSE queue instead of pynetdicom's 1 ms reactor sleep (node/reactor.py)."""
+
+    association_class = QueueWaitAssociation
 
     def server_bind(self) -> None:
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
