@@ -319,6 +319,9 @@ class GatedAssociationServer(ThreadedAssociationServer):
         on_drop: Callable[[str, str], None],
         on_bad_command: Callable[[str], None],
     ) -> None:
+        # socketserver's default backlog of 5 makes a burst of connections wait for SYN retries
+        # (1 s, 3 s, 7 s...) before the gate even sees them; the kernel caps this at somaxconn.
+        self.request_queue_size = 1024
         self.policy = policy
         self.limits = policy.limits
         self.on_drop = on_drop

@@ -15,6 +15,7 @@ import socket
 import ssl
 import tempfile
 import threading
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -162,6 +163,10 @@ class Receiver:
         self.config = config
         self.store = store
         self.spool = spool
+        # Connections the gate closed before their association request, reported in batches.
+        self._drops: Counter[tuple[str, str]] = Counter()
+        self._drops_lock = threading.Lock()
+        self._drops_stop = threading.Event()
         self.server: GatedAssociationServer | None = None
         # The process that owns this receiver's associations in the database (AssociationStudy).
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
@@ -194,8 +199,33 @@ class Receiver:
         )
 
     def connection_dropped(self, reason: str, address: str) -> None:
-        """A connection closed before its association request was complete (see node/admission.py)."""
-        log_event(log, logging.INFO, f"connection closed: {reason}", address=address)
+        """A connection closed before its association request was complete (see node/admission.py).
+
+        Called on the gate's thread, which must never wait for the database: counted here,
+        logged and stored as one summary per interval (a flood does not flood the log).
+        """
+        with self._drops_lock:
+            self._drops[(reason, address)] += 1
+
+    def _report_drops(self, interval_s: float = 2.0) -> None:
+        while not self._drops_stop.wait(interval_s):
+            self._flush_drops()
+
+    def _flush_drops(self) -> None:
+        with self._drops_lock:
+            drops, self._drops = self._drops, Counter()
+        if not drops:
+            return
+        by_reason: Counter[str] = Counter()
+        for (reason, address), count in drops.items():
+            by_reason[reason] += count
+        for reason, count in by_reason.items():
+            addresses = sorted({address for (r, address) in drops if r == reason})
+            log_event(log, logging.WARNING, f"connections closed: {reason}", connections=count, addresses=addresses[:10])
+        try:
+            self.store.count("connections_closed_before_association", sum(by_reason.values()))
+        except Exception:  # the counter is informational; the database may be down
+            log.warning("could not count closed connections")
 
     def bad_command(self, reason: str) -> None:
         """A C-STORE whose command set could not be taken: answered with a failure status."""
@@ -398,6 +428,7 @@ class Receiver:
         )
         ae._servers.append(server)
         threading.Thread(target=server.serve_forever, name=f"sijnode-gate-{settings.port}", daemon=True).start()
+        threading.Thread(target=self._report_drops, name="sijnode-gate-report", daemon=True).start()
         self.server = server
         log_event(
             log, logging.INFO, "receiver listening", ae_title=settings.ae_title, bind=settings.bind, port=settings.port,
@@ -409,6 +440,8 @@ class Receiver:
         if self.server is not None:
             self.server.shutdown()
             self.server = None
+        self._drops_stop.set()
+        self._flush_drops()
 
 
 def server_ssl_context(config: Config) -> ssl.SSLContext | None:

@@ -245,6 +245,8 @@ CORPUS: tuple[Variant, ...] = (
     Variant("BitsStored above BitsAllocated", NOT_DECODABLE, _set("BitsStored", 17)),
     Variant("PixelRepresentation 2", NOT_DECODABLE, _set("PixelRepresentation", 2)),
     Variant("SamplesPerPixel 2", NOT_DECODABLE, _set("SamplesPerPixel", 2)),
+    Variant("RGB with one sample per pixel", NOT_DECODABLE, _set("PhotometricInterpretation", "RGB")),
+    Variant("no PhotometricInterpretation", NOT_DECODABLE, _delete("PhotometricInterpretation")),
     Variant("RLE fragment that does not decode", NOT_DECODABLE, _compressed_with_broken_fragment(RLELossless), RLELossless),
     Variant("JPEG-LS fragment that does not decode", NOT_DECODABLE, _compressed_with_broken_fragment(JPEGLSLossless), JPEGLSLossless),
     Variant("pixel data declared 2 GB (more than max_element_bytes)", OUT_OF_RESOURCES, _declared_length(0x7FFFFFF0)),
