@@ -7,7 +7,6 @@ are imported inside the worker process by ``pipeline.chains.load_chain``.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import resource
@@ -18,13 +17,15 @@ import time
 import traceback
 from pathlib import Path
 
-from pydicom import dcmwrite
+from pydicom import dcmread
 
 from node.config import Config, load_config
 from node.logs import log_event, redact, setup_logging
+from node.summary import update_study_summary, write_results
 from pipeline.chains import Chain, RuntimeSettings, SeriesInput, StudyInputs, load_chain
-from pipeline.route import ChainSpec
+from pipeline.route import ChainSpec, OutputPlan
 from storage.spool import Spool
+from storage.models import JobState
 from storage.store import ClaimedJob, ProducedObject, Store
 
 log = logging.getLogger("sijnode.worker")
@@ -82,7 +83,10 @@ class Worker:
         job = self.store.claim_job(self.name, settings.lease_seconds, settings.max_attempts)
         if job is None:
             return False
-        log_event(log, logging.INFO, "job started", job_id=job.id, chain=job.chain, study_uid=job.study_uid, attempt=job.attempts)
+        log_event(
+            log, logging.INFO, "job started", job_id=job.id, chain=job.chain, study_uid=job.study_uid,
+            attempt=job.attempts, result_version=job.result_version,
+        )
         stop_renewing = threading.Event()
         renewer = threading.Thread(target=self._renew_lease, args=(job.id, stop_renewing), daemon=True)
         renewer.start()
@@ -92,6 +96,8 @@ class Worker:
             description = _describe(error)  # redacted: stored in the job and shown by `sijnode jobs`
             state = self.store.fail_job(job.id, self.name, description, settings.max_attempts)
             log_event(log, logging.ERROR, "job failed", job_id=job.id, chain=job.chain, error=description, state=state)
+            if state == JobState.FAILED:
+                self._summarise(job)
             return True
         finally:
             stop_renewing.set()
@@ -99,9 +105,22 @@ class Worker:
         destinations = [peer.name for peer in self.config.destinations]
         if self.store.finish_job(job.id, self.name, produced, destinations):
             log_event(log, logging.INFO, "job done", job_id=job.id, chain=job.chain, outputs=len(produced), destinations=destinations)
+            self._summarise(job)
         else:
             log_event(log, logging.WARNING, "job result discarded: the job was taken over", job_id=job.id)
         return True
+
+    def output_plan(self, job: ClaimedJob) -> OutputPlan:
+        """The job's result version, its series numbers and names, and the SR it supersedes."""
+        previous = [dcmread(self.spool.absolute(path), stop_before_pixels=True) for path in job.previous_sr_paths]
+        return OutputPlan.for_chain(self.spec(job.chain).series, job.result_version, previous)
+
+    def _summarise(self, job: ClaimedJob) -> None:
+        """The study summary, once the study's last job has ended; its failure fails no job."""
+        try:
+            update_study_summary(self.store, self.spool, self.config, job.study_uid, job.id)
+        except Exception as error:
+            log_event(log, logging.ERROR, "study summary failed", job_id=job.id, error=_describe(error))
 
     def _run(self, job: ClaimedJob) -> list[ProducedObject]:
         inputs = StudyInputs(
@@ -111,16 +130,9 @@ class Worker:
                 for key, paths in job.input_paths.items()
             },
             options=dict(self.spec(job.chain).options),
+            output=self.output_plan(job),
         )
-        datasets = self.chain(job.chain).produce(inputs)
-        produced = []
-        for dataset in datasets:
-            buffer = io.BytesIO()
-            dcmwrite(buffer, dataset, enforce_file_format=True)
-            relative = self.spool.result_path(job.study_uid, job.id, str(dataset.SOPInstanceUID))
-            self.spool.write_atomic(relative, buffer.getbuffer())
-            produced.append(ProducedObject(str(dataset.SOPInstanceUID), str(dataset.SOPClassUID), relative))
-        return produced
+        return write_results(self.spool, job.study_uid, job.id, self.chain(job.chain).produce(inputs))
 
     def _renew_lease(self, job_id: int, stop: threading.Event) -> None:
         lease = self.config.workers.lease_seconds

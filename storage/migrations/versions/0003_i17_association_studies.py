@@ -1,15 +1,15 @@
 """association_studies: which associations delivered which study, for completion on release
 
-Revision ID: 0002_i17
-Revises: 0001
+Revision ID: 0003_i17
+Revises: 0002_i9
 """
 
 from alembic import op
 import sqlalchemy as sa
 
 
-revision = '0002_i17'
-down_revision = '0001'
+revision = '0003_i17'
+down_revision = '0002_i9'
 branch_labels = None
 depends_on = None
 
