@@ -440,8 +440,17 @@ def cmd_train(args: argparse.Namespace, config: Config | None) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace, config: Config | None) -> int:
-    from pipeline.training import evaluate_pack
+    from pipeline.training import check_evaluation, evaluate_pack
 
+    if args.check:
+        problems = check_evaluation(Path(args.pack), Path(args.data))
+        if args.json:
+            _print_json({"reproduced": not problems, "differences": problems})
+        else:
+            for problem in problems:
+                errors.print(problem, highlight=False)
+            console.print("committed evaluation reproduced" if not problems else f"{len(problems)} differences from the committed evaluation")
+        return 1 if problems else 0
     report = evaluate_pack(Path(args.pack), Path(args.data), Path(args.out) if args.out else None)
     if args.json:
         _print_json(report)
@@ -545,6 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("pack")
     evaluate.add_argument("--data", required=True)
     evaluate.add_argument("--out", default=None, help="report folder (default: the pack folder)")
+    evaluate.add_argument("--check", action="store_true", help="regenerate on --data (all or some held-out studies) and compare with the pack's committed evaluation.json")
     phantom = add("phantom", cmd_phantom, "write synthetic sacroiliac-joint studies with ground truth")
     phantom.add_argument("--out", required=True)
     phantom.add_argument("--seed", type=int, default=0)

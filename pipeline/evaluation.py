@@ -371,14 +371,25 @@ def manifest_summary(report: Mapping[str, Any], data: str) -> dict[str, Any]:
     }
 
 
-def compare_reports(committed: Mapping[str, Any], regenerated: Mapping[str, Any], tolerance: float = 1e-4) -> list[str]:
-    """Differences between two evaluation reports of the same pack on the same studies: every
-    case's probability per output (to ``tolerance``) and decision, every metric's point value.
-    An empty list means the committed numbers were regenerated (``sijnode evaluate --check``)."""
+#: how far a regenerated probability may lie from the committed one (``sijnode evaluate --check``)
+CHECK_TOLERANCE = 1e-4
+
+
+def compare_reports(
+    committed: Mapping[str, Any], regenerated: Mapping[str, Any], tolerance: float = CHECK_TOLERANCE, *, subset: bool = False
+) -> list[str]:
+    """Differences between two evaluation reports of the same pack: every case's probability
+    per output (to ``tolerance``) and decision, and, when both hold the same studies, every
+    metric's point value. ``subset``: ``regenerated`` covers only some of the committed studies
+    (a quick check); each of them must be in ``committed``. An empty list means the committed
+    numbers were regenerated (``sijnode evaluate --check``)."""
     problems: list[str] = []
+    if committed.get("schema") != REPORT_SCHEMA:
+        return [f"the committed report is not in the {REPORT_SCHEMA} schema; regenerate it with sijnode evaluate"]
     old_cases = {c["study"]: c for c in committed.get("cases", [])}
     new_cases = {c["study"]: c for c in regenerated.get("cases", [])}
-    for study in sorted(set(old_cases) ^ set(new_cases)):
+    only = set(new_cases) - set(old_cases) if subset else set(old_cases) ^ set(new_cases)
+    for study in sorted(only):
         problems.append(f"{study}: in only one of the two reports")
     for study in sorted(set(old_cases) & set(new_cases)):
         for name, old in old_cases[study]["outputs"].items():

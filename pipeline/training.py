@@ -60,6 +60,26 @@ def evaluate_pack(pack_dir: Path, data: Path, out: Path | None = None) -> dict[s
     return _module(pack.manifest.chain).evaluate(pack, Path(data), Path(out) if out else pack.folder)
 
 
+def check_evaluation(pack_dir: Path, data: Path, tolerance: float | None = None) -> list[str]:
+    """Regenerate the pack's committed evaluation on the studies in ``data`` (all of the held-out
+    set, or a few of it) and compare: each study's probability per output to ``tolerance``
+    (default :data:`pipeline.evaluation.CHECK_TOLERANCE`) and decision, and the metrics when the
+    whole set was given. Returns the differences; none means the numbers were reproduced.
+    Behind ``sijnode evaluate PACK --data DIR --check``; the pack folder is left untouched."""
+    import tempfile
+
+    from pipeline.evaluation import CHECK_TOLERANCE, EVALUATION_JSON, compare_reports
+
+    committed_path = Path(pack_dir) / EVALUATION_JSON
+    if not committed_path.is_file():
+        return [f"{committed_path}: no committed evaluation to check against"]
+    committed = json.loads(committed_path.read_text(encoding="utf-8"))
+    with tempfile.TemporaryDirectory(prefix="sijnode-check-") as folder:
+        evaluate_pack(Path(pack_dir), Path(data), Path(folder))
+        regenerated = json.loads((Path(folder) / EVALUATION_JSON).read_text(encoding="utf-8"))
+    return compare_reports(committed, regenerated, CHECK_TOLERANCE if tolerance is None else tolerance, subset=True)
+
+
 def split_by_patient(
     items: Sequence[T],
     validation_fraction: float,

@@ -60,7 +60,7 @@ from pipeline.training import (
 
 from .data import LEFT_ILIUM, RIGHT_ILIUM, SACRUM, PhantomRadiograph, find_radiographs
 from .importer import PUBLISHED_THRESHOLD
-from .joints import Box, JointRegionError, ilium_classes, joint_regions
+from .joints import Box, JointRegionError, ilium_classes, joint_regions, trimmed
 from .model import Networks, build_networks
 from .preprocess import (
     ClassificationSettings,
@@ -85,8 +85,12 @@ DEMO_HYPERPARAMETERS: dict[str, Any] = {
     },
 }
 DEMO_PREPROCESSING: dict[str, Any] = {
-    "segmentation": {"size": [192, 192], "gaussian_sigma": 0.1, "roi_size": [192, 192], "overlap": 0.75},
-    "joint_region": {"dilation_fraction": 0.05},
+    # resample "probabilities" (a deviation from the app, which resamples the argmax labels): at
+    # 192² one grid cell is 8-12 radiograph pixels, and a crop edge that jumps by a cell moved the
+    # demo classifier's probability by up to 0.25 (see SegmentationSettings).
+    "segmentation": {"size": [192, 192], "gaussian_sigma": 0.1, "roi_size": [192, 192], "overlap": 0.75, "resample": "probabilities"},
+    "joint_region": {"dilation_fraction": 0.05, "otsu_trim": True},
+    "gradcam": {"target": "predicted", "eigen_smooth": True},
     "classification": {
         "size": [208, 314],  # half the published 416×628, same aspect
         "median_size": 3,
@@ -142,7 +146,8 @@ def prepare(
         columns["images"].append(segmenter_input(gray, segmentation)[0].half())
         columns["targets"].append(torch.as_tensor(labels_to_grid(truth, segmentation.size))[None])
         # The phantom is displayed L\F: the left ilium lies on the image's right.
-        box = joint_regions(truth, ilium_classes(truth, LEFT_ILIUM, RIGHT_ILIUM, True), SACRUM).box
+        crop = joint_regions(truth, ilium_classes(truth, LEFT_ILIUM, RIGHT_ILIUM, True), SACRUM)
+        box = (trimmed(crop, gray) if preprocessing.get("joint_region", {}).get("otsu_trim") else crop).box
         for suffix, region in (("", box), ("_jittered", jitter_box(box, gray.shape, rng))):
             crop_key = "crops" if not suffix else "jittered"
             columns[crop_key].append(plain(classifier_input(gray[region.slices], classification)).half())
