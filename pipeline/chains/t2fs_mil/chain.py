@@ -77,7 +77,7 @@ class T2FSMILChain(ModelChain):
         with self.timed("read"):
             datasets = self._series(inputs).datasets()
         with self.timed("preprocess"):
-            ordered, bag = preprocess_series(datasets, self.hyperparameters.input_size)
+            ordered, bag = preprocess_series(datasets, self.hyperparameters.input_size, self.model.recipe)
             bag = bag.to(self.device)
         with self.timed("inference"):
             prediction = predict(self.model, bag, tta=tta, chunk=self.settings["batch_slices"])

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from pydicom import Dataset, dcmread
 
-from pipeline.chains.t2fs_mil.preprocess import preprocess_series
+from pipeline.chains.t2fs_mil.preprocess import PREPROCESSING, preprocess_series
 from pipeline.evaluation import phantom_subgroups
 from pipeline.training import seed_ranges
 
@@ -50,9 +50,9 @@ class Case:
             raise FileNotFoundError(f"{self.t2fs_folder}: no DICOM files")
         return [dcmread(path) for path in files]
 
-    def bag(self, input_size: int) -> tuple[list[Dataset], torch.Tensor]:
-        """(datasets in patient order, preprocessed bag)."""
-        return preprocess_series(self.datasets(), input_size)
+    def bag(self, input_size: int, recipe: str = PREPROCESSING["recipe"]) -> tuple[list[Dataset], torch.Tensor]:
+        """(datasets in patient order, bag preprocessed by ``recipe``)."""
+        return preprocess_series(self.datasets(), input_size, recipe)
 
     def slice_labels(self, ordered: Sequence[Dataset]) -> torch.Tensor:
         """Per slice (in the given order): 1 where the ground truth has edema on it."""

@@ -403,7 +403,7 @@ def evaluate(pack: ModelPack, data: Path, out: Path) -> dict[str, Any]:
     cases = find_cases(data)
     results = []
     for case in cases:
-        _, bag = case.bag(model.hyperparameters.input_size)
+        _, bag = case.bag(model.hyperparameters.input_size, model.recipe)
         prediction = predict(model, bag, tta=True)
         results.append(
             CaseResult(

@@ -169,9 +169,15 @@ class AnatomyAwareModel:
             kind = EigenGradCAM if self.eigen_smooth else GradCAM
             self._gradcam = kind(nn_module=self.networks.classifier, target_layers=last_block(self.networks.classifier), postprocessing=normalize_cam)
         batch = plain(x)[None].to(self.device)
+        target = POSITIVE_CLASS if self.gradcam_class == "positive" else self.predicted_class(x)
         with torch.enable_grad():
-            cam = self._gradcam(batch, class_idx=POSITIVE_CLASS if self.gradcam_class == "positive" else None)
+            cam = self._gradcam(batch, class_idx=target)
         return plain(cam)[0, 0]
+
+    def predicted_class(self, x: torch.Tensor) -> int:
+        """The classifier's argmax class for its input ``x`` (1, H, W)."""
+        with torch.no_grad():
+            return int(self.networks.classifier(plain(x)[None].to(self.device)).argmax(dim=1)[0])
 
     def gradcam(self, x: torch.Tensor, crop: JointCrop, shape: tuple[int, int]) -> np.ndarray:
         """Grad-CAM drawn back onto the whole radiograph (zero outside the crop box)."""
@@ -198,5 +204,8 @@ class AnatomyAwareModel:
         if with_gradcam:
             with timed("grad-cam"):
                 cam = self.gradcam(x, crop, gray.shape)
-        notes = {"ilium_classes_swapped": classes != {"left": LEFT_ILIUM, "right": RIGHT_ILIUM}}
+        notes: dict[str, Any] = {"ilium_classes_swapped": classes != {"left": LEFT_ILIUM, "right": RIGHT_ILIUM}}
+        if with_gradcam:
+            notes["gradcam_layer"] = last_block(self.networks.classifier)
+            notes["gradcam_class"] = POSITIVE_CLASS if self.gradcam_class == "positive" else int(probability >= 0.5)
         return Analysis(probability, labels, classes, crop, left_on_right, cam, notes)
