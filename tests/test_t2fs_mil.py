@@ -208,7 +208,8 @@ def test_demo_pack_is_a_small_declared_demonstration() -> None:
     assert manifest.architecture.hyperparameters == DEMO_HYPERPARAMETERS
     assert manifest.output("active_sacroiliitis").concept == "active sacroiliitis"
     held_out = manifest.evaluation["held_out"]
-    assert set(held_out["with TTA"]) >= {"accuracy", "sensitivity", "specificity", "f1", "auc"}
+    assert set(held_out["active_sacroiliitis"]) >= {"accuracy", "sensitivity", "specificity", "f1", "auc"}
+    assert set(held_out[WITHOUT_TTA]) >= {"accuracy", "sensitivity", "specificity", "f1", "auc"}
     for name in ("evaluation.json", "EVALUATION.md", "roc.png", "training.json"):
         assert (DEMO_PACK / name).is_file(), name
 

@@ -116,6 +116,8 @@ class T2FSMILChain(ModelChain):
             "tta": "horizontal flip" if tta else "off",
             "slices": len(ordered),
             "input_size": self.hyperparameters.input_size,
+            "preprocessing": self.model.recipe,
+            "output": "sigmoid of one logit" if self.hyperparameters.classes == 1 else 'softmax, class "Inflamed"',
             "probability without TTA": round(prediction.probability_original, 4),
         }
         if prediction.probability_flipped is not None:

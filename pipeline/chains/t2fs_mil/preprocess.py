@@ -32,6 +32,13 @@ PREPROCESSING: dict[str, Any] = {
     "slice_order": "ImagePositionPatient projected on the slice normal (IOP row x column), ascending",
     "per_slice": ["resize to input_size x input_size (bilinear)", "scale to 0-255", "histogram equalization (256 bins)", "z-score normalization"],
     "modality_lut": True,
+    # the demonstration recipe, declared against the paper's (PAPER_PREPROCESSING, model.PAPER_HYPERPARAMETERS)
+    "deviations_from_paper": [
+        "one channel with a per-slice z-score instead of three identical channels with ImageNet normalisation: "
+        "no ImageNet-pretrained weights can be had here, so nothing is gained by ImageNet's input statistics",
+        "resize before scaling to 0-255, and no 8-bit rounding",
+        "one sigmoid output instead of two softmax classes",
+    ],
 }
 
 
