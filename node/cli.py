@@ -260,6 +260,7 @@ def cmd_serve(args: argparse.Namespace, config: Config, out: Output) -> int:
     problems = config_problems(config)
     if problems:
         raise CLIError("cannot start: " + "; ".join(problems), EXIT_INVALID, problems=problems)
+    from node.receiver import PortInUse
     from node.service import Service, ServiceStartError
 
     setup_logging(config.logging.level, config.logging.format, config.logging.file, config.logging.libraries)
@@ -267,6 +268,8 @@ def cmd_serve(args: argparse.Namespace, config: Config, out: Output) -> int:
         Service(config, str(Path(args.config).resolve())).run()
     except ServiceStartError as error:
         raise CLIError(str(error), EXIT_INVALID) from None
+    except PortInUse as error:
+        raise CLIError(f"cannot start: {error}", EXIT_INVALID) from None
     return EXIT_OK
 
 
@@ -771,15 +774,38 @@ def cmd_train(args: argparse.Namespace, config: Config | None, out: Output) -> i
 
 
 def cmd_evaluate(args: argparse.Namespace, config: Config | None, out: Output) -> int:
-    from pipeline.training import evaluate_pack
+    from pipeline.training import check_evaluation, evaluate_pack
 
+    if args.check:
+        problems = check_evaluation(Path(args.pack), Path(args.data))
+        if out.json:
+            _print_json({"reproduced": not problems, "differences": problems})
+        else:
+            for problem in problems:
+                out.line(problem)
+            out.line("committed evaluation reproduced" if not problems else f"{len(problems)} differences from the committed evaluation")
+        return EXIT_NOT_FOUND if problems else EXIT_OK
     report = evaluate_pack(Path(args.pack), Path(args.data), Path(args.out) if args.out else None)
     if out.json:
         _print_json(report)
         return EXIT_OK
-    for variant, metrics in report.get("variants", {"": report.get("metrics", {})}).items():
-        rows = [[name, f"{m['value']:.3f}", f"{m['ci95_low']:.3f}–{m['ci95_high']:.3f}"] for name, m in metrics.items()]
-        out.table(f"Evaluation {variant}".strip(), [Column("metric", "uid"), Column("value", "num"), Column("95% CI (bootstrap)", "num")], rows)
+
+    def shown(value: float | None) -> str:
+        return "–" if value is None else f"{value:.3f}"
+
+    for output, scored in report["outputs"].items():
+        rows = [[name, shown(m["value"]), f"{shown(m['ci95_low'])}–{shown(m['ci95_high'])}"] for name, m in scored["metrics"].items()]
+        out.table(
+            f"Evaluation: {output} (p ≥ {scored['threshold']:g})",
+            [Column("metric", "uid"), Column("value", "num"), Column("95% CI (bootstrap)", "num")],
+            rows,
+        )
+        rows = [[sub, r["studies"], r["positives"], shown(r["sensitivity"]), shown(r["specificity"])] for sub, r in scored["subgroups"].items()]
+        out.table(
+            "Per subgroup",
+            [Column("subgroup"), Column("studies", "num"), Column("positive", "num"), Column("sensitivity", "num"), Column("specificity", "num")],
+            rows,
+        )
     for name in ("roc_png", "report"):
         if report.get(name):
             out.line(f"{name}: {report[name]}")
@@ -886,6 +912,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("pack")
     evaluate.add_argument("--data", required=True)
     evaluate.add_argument("--out", default=None, help="report folder (default: the pack folder)")
+    evaluate.add_argument("--check", action="store_true", help="regenerate on --data (all or some held-out studies) and compare with the pack's committed evaluation.json")
     phantom = add("phantom", cmd_phantom, "write synthetic sacroiliac-joint studies with ground truth")
     phantom.add_argument("--out", required=True)
     phantom.add_argument("--seed", type=int, default=0)

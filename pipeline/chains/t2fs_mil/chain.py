@@ -78,7 +78,7 @@ class T2FSMILChain(ModelChain):
         with self.timed("read"):
             datasets = self._series(inputs).datasets()
         with self.timed("preprocess"):
-            ordered, bag = preprocess_series(datasets, self.hyperparameters.input_size)
+            ordered, bag = preprocess_series(datasets, self.hyperparameters.input_size, self.model.recipe)
             bag = bag.to(self.device)
         with self.timed("inference"):
             prediction = predict(self.model, bag, tta=tta, chunk=self.settings["batch_slices"])
@@ -120,6 +120,8 @@ class T2FSMILChain(ModelChain):
             "tta": "horizontal flip" if tta else "off",
             "slices": len(ordered),
             "input_size": self.hyperparameters.input_size,
+            "preprocessing": self.model.recipe,
+            "output": "sigmoid of one logit" if self.hyperparameters.classes == 1 else 'softmax, class "Inflamed"',
             "probability without TTA": round(prediction.probability_original, 4),
         }
         if prediction.probability_flipped is not None:

@@ -13,13 +13,15 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.cam import normalize_cam
+from pipeline.chains.base import inference_context
 from pipeline.chains.t2fs_mil.model import (
     T2FSMIL,
     Hyperparameters,
+    INFLAMED,
     PartialBag,
     build_model,
 )
-from pipeline.chains.t2fs_mil.preprocess import PREPROCESSING
+from pipeline.chains.t2fs_mil.preprocess import PAPER_PREPROCESSING, RECIPES
 from pipeline.packs import ModelPack, PackError
 
 #: the manifest output this chain reports
@@ -42,7 +44,7 @@ def flip_horizontal(bag: torch.Tensor) -> torch.Tensor:
     return torch.flip(bag, dims=[-1])
 
 
-@torch.no_grad()
+@inference_context()
 def predict(model: T2FSMIL, bag: torch.Tensor, *, tta: bool = True, chunk: int = 16) -> Prediction:
     """Probability of active sacroiliitis for one bag (slices, C, H, W); TTA averages the
     probabilities of the bag and its horizontal mirror image."""
@@ -82,7 +84,7 @@ class GradCAMExplainer:
         self.wrapper.fixed = features.detach().clone()
         self.wrapper.positions = list(positions)
         with torch.enable_grad():
-            raw = self.cam(bag[positions].detach().clone(), class_idx=0)
+            raw = self.cam(bag[positions].detach().clone(), class_idx=0 if self.wrapper.model.hyperparameters.classes == 1 else INFLAMED)
         return raw[:, 0].detach().clamp(0, 1).cpu().numpy()
 
 
@@ -101,8 +103,11 @@ def check_manifest(pack: ModelPack) -> Hyperparameters:
     except (TypeError, ValueError) as error:
         raise PackError(f"pack {manifest.name}: {error}") from None
     recipe = manifest.preprocessing.get("recipe")
-    if recipe != PREPROCESSING["recipe"]:
-        raise PackError(f"pack {manifest.name}: preprocessing recipe {recipe!r}, this chain implements {PREPROCESSING['recipe']!r}")
+    if recipe not in RECIPES:
+        raise PackError(f"pack {manifest.name}: preprocessing recipe {recipe!r}, this chain implements {', '.join(RECIPES)}")
+    channels = 3 if recipe == PAPER_PREPROCESSING["recipe"] else 1
+    if parameters.in_channels != channels:
+        raise PackError(f"pack {manifest.name}: recipe {recipe} gives {channels}-channel slices, the network takes {parameters.in_channels}")
     manifest.output(OUTPUT)  # PackError when missing
     return parameters
 
@@ -110,6 +115,7 @@ def check_manifest(pack: ModelPack) -> Hyperparameters:
 def load_model(pack: ModelPack, state_dict: dict[str, torch.Tensor] | None = None) -> T2FSMIL:
     """Build the pack's network and load its (verified) weights strictly."""
     model = build_model(check_manifest(pack))
+    model.recipe = str(pack.manifest.preprocessing["recipe"])
     weights = pack.load_state_dict() if state_dict is None else state_dict
     try:
         model.load_state_dict(weights, strict=True)

@@ -5,12 +5,16 @@ level (the classifier sees both joints in one crop and has one output: no side i
 probability of the classifier's positive class, the pack's operating threshold (0.59
 published). ``Finding.present`` is ``probability >= threshold`` while the paper calls a
 radiograph positive when p > 0.59: the two differ only for p exactly equal to 0.59, a set of
-measure zero for a softmax output, so the framework's rule is kept. At p >= 0.7 the finding's
-note says what the paper found such confident predictions to mean.
+measure zero for a softmax output, so the framework's rule is kept. At p >= 0.7 with the
+published model (a pack whose manifest records the paper's progression odds ratio), the
+finding's note says what the paper found such confident predictions to mean, and for whom:
+patients whom readers graded *without* radiographic sacroiliitis. A demonstration pack never
+carries the note: the paper's finding is about the published model.
 
-Maps (on the radiograph's pixel grid): the Grad-CAM of the classifier's last stage, drawn back
-from the crop onto the whole radiograph and scaled by the probability (``evidence_map``), and the
-segmentation overlay of :mod:`.overlay` as a categorical map.
+Maps (on the radiograph's pixel grid): the Grad-CAM of ``layer4[-1]`` (of the predicted or the
+positive class, as the pack says; its caption names the class), drawn back from the crop onto
+the whole radiograph and scaled by the probability (``evidence_map``), and the segmentation
+overlay of :mod:`.overlay` as a categorical map.
 
 Explanation (never a finding): the share of the Grad-CAM inside each side's joint box, i.e.
 where the model looked, per side.
@@ -50,13 +54,16 @@ from .overlay import BONE, JOINT, MARK, segmentation_overlay
 
 OUTPUT = "radiographic_sacroiliitis"  # the manifest output this chain reports
 HIGH_CONFIDENCE = 0.7
+#: the manifest's record of the paper's progression result; only a pack carrying it gets the note
+PROGRESSION_EVIDENCE = "progression_odds_ratio_p_ge_0.7"
 HIGH_CONFIDENCE_NOTE = (
-    "High-confidence prediction (p >= 0.70). In the seed study (Dorfner et al. 2024), a prediction "
-    "of p >= 0.7 in patients without radiographic sacroiliitis at baseline carried an odds ratio of "
-    "2.16 (95 % CI 1.19-3.86) for progression to radiographic sacroiliitis within two years."
+    "Confident prediction (p >= 0.70). This applies only if readers do not grade radiographic "
+    "sacroiliitis on this radiograph: in the seed study (Dorfner et al. 2024, 135 patients without "
+    "radiographic sacroiliitis at baseline), such confident false-positive predictions of this model "
+    "(30 patients, 12 of whom progressed) carried an odds ratio of 2.16 (95 % CI 1.19-3.86) for "
+    "progression to radiographic sacroiliitis within two years."
 )
-DEMO_NOTE = "This is a demonstration pack trained on phantoms: the published finding does not apply to it."
-GRADCAM_CAPTION = "Grad-CAM x p (last ResNet stage): evidence for radiographic sacroiliitis"
+CLASS_NAMES = ("no radiographic sacroiliitis", "radiographic sacroiliitis")
 OVERLAY_CAPTION = "Segmentation and joint regions the classifier used"
 OVERLAY_CATEGORIES = (
     Category(BONE, "sacrum and ilia"),
@@ -99,7 +106,7 @@ class XRAnatomyChain(ModelChain):
         ]
         explanations: list[SideExplanation] = []
         if analysis.gradcam is not None:
-            maps.insert(0, Map(ref, evidence_map(analysis.gradcam, finding.probability), MapMeaning.GRAD_CAM, caption=GRADCAM_CAPTION))
+            maps.insert(0, Map(ref, evidence_map(analysis.gradcam, finding.probability), MapMeaning.GRAD_CAM, caption=self.gradcam_caption(analysis)))
             explanations = self.explanations(analysis, finding)
         return ChainResult(
             findings=[finding],
@@ -137,13 +144,18 @@ class XRAnatomyChain(ModelChain):
             raise ValueError(f"series {series.series_uid} has no images")
         return datasets[0]
 
+    def gradcam_caption(self, analysis: Analysis) -> str:
+        """What the Grad-CAM map shows: which class, which layer, which smoothing."""
+        target = CLASS_NAMES[int(analysis.notes.get("gradcam_class", 1))]
+        smoothing = ", eigen-smoothed" if self.model.eigen_smooth else ""
+        return f"Grad-CAM x p ({analysis.notes.get('gradcam_layer', 'layer4')}{smoothing}): evidence for {target}"
+
     def note(self, analysis: Analysis) -> str | None:
-        """The finding's note: the high-confidence statement, and any joint-region fallback."""
+        """The finding's note: the high-confidence statement where it applies, and any joint-region fallback."""
         parts = []
-        if analysis.probability >= HIGH_CONFIDENCE:
+        published = PROGRESSION_EVIDENCE in (self.pack.manifest.evaluation or {}) and not self.pack.manifest.demo
+        if analysis.probability >= HIGH_CONFIDENCE and published:
             parts.append(HIGH_CONFIDENCE_NOTE)
-            if self.pack.manifest.demo:
-                parts.append(DEMO_NOTE)
         for side, method in sorted(analysis.crop.fallbacks.items()):
             parts.append(f"The {side} joint region was not found next to the sacrum; it was estimated ({method}).")
         return " ".join(parts) or None
@@ -154,6 +166,10 @@ class XRAnatomyChain(ModelChain):
         parameters: dict[str, object] = {
             "decision": f"positive when p >= {self.threshold:g} (paper: p > 0.59)",
             "high_confidence_threshold": HIGH_CONFIDENCE,
+            "segmentation_resample": self.model.segmentation.resample,
+            "otsu_trim": self.model.otsu_trim,
+            "gradcam": f"{analysis.notes.get('gradcam_layer', 'layer4')}, {self.model.gradcam_class} class"
+            + (", eigen-smoothed" if self.model.eigen_smooth else ""),
             "crop_box_rc": crop.box.as_list(),
             "left_joint_box_rc": crop.regions["left"].box.as_list(),
             "right_joint_box_rc": crop.regions["right"].box.as_list(),
