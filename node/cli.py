@@ -427,6 +427,42 @@ def cmd_packs_import_anatomy_aware(args: argparse.Namespace, config: Config | No
     return 0
 
 
+def add_import_ct_slices(packs_sub: Any, common: argparse.ArgumentParser) -> None:
+    """``sijnode packs import-ct-slices``: site-trained ResNeXt-50 / Inception-v4 checkpoints to a ct-slices pack."""
+
+    def handler(args: argparse.Namespace, config: Config | None) -> int:
+        from pipeline.chains.ct_slices.importer import WeightsImportError, import_ct_slices
+
+        try:
+            pack = import_ct_slices(
+                Path(args.out),
+                resnext50=Path(args.resnext50) if args.resnext50 else None,
+                inception_v4=Path(args.inception_v4) if args.inception_v4 else None,
+                threshold=args.threshold,
+                trust_pickle=args.trust_pickle,
+            )
+        except WeightsImportError as error:
+            errors.print(f"[red]{error}[/red]", highlight=False)
+            return 1
+        if args.json:
+            _print_json({"pack": str(pack.folder), "name": pack.manifest.name, "version": pack.manifest.version, "sha256": pack.manifest.weights.sha256})
+        else:
+            console.print(f"wrote pack {pack.manifest.name} {pack.manifest.version} to {pack.folder}")
+        return 0
+
+    command = packs_sub.add_parser(
+        "import-ct-slices",
+        help="import site-trained ResNeXt-50 (torchvision layout) and/or Inception-v4 (timm layout) weights as a ct-slices pack",
+        parents=[common],
+    )
+    command.add_argument("--resnext50", help="state dict of torchvision resnext50_32x4d with a 2-class fc")
+    command.add_argument("--inception-v4", help="state dict of timm inception_v4 with num_classes=2")
+    command.add_argument("--out", required=True, help="pack folder to write")
+    command.add_argument("--threshold", type=float, default=0.5, help="operating threshold on the study probability (default 0.5)")
+    command.add_argument("--trust-pickle", action="store_true", help="allow full unpickling (only for files from a trusted source)")
+    command.set_defaults(handler=handler, needs_config=False)
+
+
 def cmd_train(args: argparse.Namespace, config: Config | None) -> int:
     from pipeline.training import train_chain
 
@@ -530,6 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     anatomy.add_argument("--out", required=True, help="pack folder to write")
     anatomy.add_argument("--trust-pickle", action="store_true", help="allow full unpickling (only for files from a trusted source)")
     anatomy.set_defaults(handler=cmd_packs_import_anatomy_aware, needs_config=False)
+    add_import_ct_slices(packs_sub, common)
     train = add("train", cmd_train, "train a chain's model pack on phantom studies")
     train.add_argument("chain")
     train.add_argument("--data", required=True, help="folder written by sijnode phantom")

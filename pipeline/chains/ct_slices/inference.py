@@ -98,6 +98,7 @@ class CTSlicesModel:
                 network.load_state_dict(own, strict=True)
             except RuntimeError as error:
                 raise PackError(f"pack {manifest.name}: {name} weights do not fit its architecture: {error}") from None
+            networks[name] = network
         stray = sorted(k for k in state_dict if k.split(".", 1)[0] not in specs)
         if stray:
             raise PackError(f"pack {manifest.name}: weights for networks the manifest does not select: {stray[:4]}")

@@ -20,7 +20,7 @@ parameter counts and layer shapes against the figures above.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -340,14 +340,14 @@ class NetworkSpec:
     input_size: int
     width: float = 1.0
     depths: tuple[int, ...] = ()  # ResNeXt: blocks per stage (3/4/6/3); Inception-v4: A/B/C repeats (4/7/3)
-    groups: int = 32  # ResNeXt only
-    extra: dict[str, Any] = field(default_factory=dict)
+    groups: int = 32  # ResNeXt only: the cardinality
+    width_per_group: int = 4  # ResNeXt only: channels per group at the first stage's published width
 
     @classmethod
     def from_mapping(cls, name: str, values: Mapping[str, Any]) -> NetworkSpec:
         if name not in NETWORKS:
             raise ValueError(f"unknown network {name!r}; known: {', '.join(NETWORKS)}")
-        known = {"input_size", "width", "depths", "groups"}
+        known = {"input_size", "width", "depths", "groups", "width_per_group"}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"{name}: unknown hyperparameter(s) {unknown}; known: {sorted(known)}")
@@ -361,12 +361,14 @@ class NetworkSpec:
             width=float(values.get("width", 1.0)),
             depths=depths,
             groups=int(values.get("groups", 32)),
+            width_per_group=int(values.get("width_per_group", 4)),
         )
 
     def as_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"input_size": self.input_size, "width": self.width, "depths": list(self.depths)}
         if self.name == RESNEXT:
             data["groups"] = self.groups
+            data["width_per_group"] = self.width_per_group
         return data
 
 
@@ -378,7 +380,7 @@ def build_network(spec: NetworkSpec, classes: int = 2) -> nn.Module:
     """The network ``spec`` describes, with a ``classes``-way head (2: no sacroiliitis / sacroiliitis)."""
     if spec.name == RESNEXT:
         planes = [max(1, round(p * spec.width)) for p in (64, 128, 256, 512)]
-        return ResNeXt(layers=spec.depths, planes=planes, groups=spec.groups, width_per_group=4, classes=classes)
+        return ResNeXt(layers=spec.depths, planes=planes, groups=spec.groups, width_per_group=spec.width_per_group, classes=classes)
     return InceptionV4(classes=classes, width=spec.width, blocks=spec.depths)
 
 
