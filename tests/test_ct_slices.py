@@ -25,6 +25,7 @@ from pipeline.chains.ct_slices.model import (
     NetworkSpec,
     build_network,
     count_parameters,
+    last_stage,
     published_spec,
 )
 from pipeline.chains.ct_slices.preprocess import (
@@ -56,6 +57,7 @@ def test_resnext50_32x4d_has_torchvisions_module_tree_and_parameter_count() -> N
     blocks = {k.split(".")[0]: int(k.split(".")[1]) + 1 for k in shapes if k.startswith("layer")}
     assert blocks == {"layer1": 3, "layer2": 4, "layer3": 6, "layer4": 3}
     assert len(shapes) == 320  # torchvision's resnext50_32x4d state dict holds 320 entries
+    assert last_stage(network) == "layer4"
     two = build_network(published_spec(RESNEXT))
     assert count_parameters(two) == RESNEXT50_PARAMETERS_2 == 22_984_002
     assert two(torch.zeros(1, 3, 96, 96)).shape == (1, 2)
@@ -75,7 +77,7 @@ def test_inception_v4_has_timms_module_tree_and_parameter_count() -> None:
     assert shapes["features.18.branch1.3.conv.weight"] == (320, 320, 3, 3)  # ReductionB
     assert shapes["features.21.branch2_2.conv.weight"] == (512, 448, 1, 3)  # last InceptionC
     assert shapes["last_linear.weight"] == (1000, 1536)
-    assert len(network.features) == 22
+    assert len(network.features) == 22 and last_stage(network) == "features.21"
     assert network.features[0].bn.eps == 1e-3
     two = build_network(published_spec(INCEPTION))
     assert count_parameters(two) == INCEPTION_V4_PARAMETERS_2 == 41_145_890
@@ -267,3 +269,85 @@ def test_one_noisy_slice_cannot_flip_the_study() -> None:
     assert study_probability([0.2, 0.8]) == pytest.approx(0.5)  # k or fewer slices: their median
     with pytest.raises(ValueError):
         study_probability([])
+
+
+# --- the chain --------------------------------------------------------------------------------------
+def _write_series(datasets: list[Dataset], folder: Path) -> tuple[Path, ...]:
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, dataset in enumerate(datasets):
+        dataset.save_as(folder / f"{index + 1:04d}.dcm", enforce_file_format=True)
+    return tuple(sorted(folder.glob("*.dcm")))
+
+
+@pytest.fixture(scope="module")
+def random_pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A pack of the demonstration architecture with random weights (what it decides does not matter here)."""
+    from pipeline.chains.ct_slices.train import DEMO_HYPERPARAMETERS, DEMO_PREPROCESSING
+    from pipeline.packs import write_pack
+
+    torch.manual_seed(3)
+    specs = {name: NetworkSpec.from_mapping(name, values) for name, values in DEMO_HYPERPARAMETERS["networks"].items()}
+    state = {f"{name}.{k}": v for name, spec in specs.items() for k, v in build_network(spec).state_dict().items()}
+    manifest = {
+        "name": "ct-slices-random", "version": "0", "chain": "ct-slices", "demo": True,
+        "architecture": {"name": "demo architecture, random weights", "hyperparameters": DEMO_HYPERPARAMETERS},
+        "preprocessing": DEMO_PREPROCESSING,
+        "outputs": [{"name": "sacroiliitis", "concept": "sacroiliitis", "threshold": 0.5}],
+        "training_data": "none", "intended_use": "tests",
+    }
+    return write_pack(tmp_path_factory.mktemp("pack") / "p", manifest, state).folder
+
+
+def _chain(pack: Path, **options: object):
+    from pipeline.chains import RuntimeSettings
+    from pipeline.chains.ct_slices.chain import CTSlicesChain
+    from pipeline.route import ChainSpec
+
+    spec = ChainSpec(name="ct-slices", implementation="pipeline.chains.ct_slices.chain:CTSlicesChain", pack=str(pack),
+                     requires=[{"role": "CT", "planes": ["axial"]}], options=options)
+    return CTSlicesChain(spec, RuntimeSettings(device="cpu", torch_threads=1))
+
+
+def _inputs(files: tuple[Path, ...]):
+    from pipeline.chains import SeriesInput, StudyInputs
+
+    return StudyInputs("1.2.3", {"ct": SeriesInput("ct", "1.2.3.4", files)})
+
+
+def test_chain_reports_one_patient_level_finding_slice_scores_and_grad_cam(ct_phantom: tuple[list[Dataset], list[bool]], random_pack: Path, tmp_path: Path) -> None:
+    from pipeline.results import MapMeaning, Scope
+
+    datasets, crosses = ct_phantom
+    files = _write_series(datasets, tmp_path / "ct")
+    chain = _chain(random_pack, report_slices=4)
+    result = chain.run(_inputs(files))
+    (finding,) = result.findings
+    assert finding.scope is Scope.PATIENT and finding.laterality is None and finding.concept.meaning == "Sacroiliitis"
+    truth = {ds.SOPInstanceUID for ds, c in zip(datasets, crosses) if c}
+    analysed = [str(ds.SOPInstanceUID) for ds in result.sources]
+    assert len(analysed) == 12 and len(set(analysed) & truth) >= 10  # max_slices of the demo pack, through the joints
+    scores = [s.value for s in result.image_scores]
+    assert len(scores) == 4 and scores == sorted(scores, reverse=True)
+    assert len(result.maps) == 3 and all(m.meaning is MapMeaning.GRAD_CAM and m.values.shape == (512, 512) for m in result.maps)
+    assert {m.source.sop_instance_uid for m in result.maps} <= set(analysed)
+    assert max(float(m.values.max()) for m in result.maps) <= finding.probability + 1e-6
+    box = chain.model.settings.crop_mm / float(datasets[0].PixelSpacing[0])
+    for heat in result.maps:  # zero outside the crop around the joints
+        rows, cols = np.nonzero(heat.values)
+        assert rows.size == 0 or (rows.max() - rows.min() <= box + 2 and cols.max() - cols.min() <= box + 2)
+    outputs = chain.produce(_inputs(files))
+    assert [str(ds.Modality) for ds in outputs] == ["SR", "OT", "OT", "OT"]
+
+
+def test_chain_says_why_it_did_not_analyse(random_pack: Path, ct_phantom: tuple[list[Dataset], list[bool]], tmp_path: Path) -> None:
+    chain = _chain(random_pack)
+    (_, lumbar), = ct_above_the_joints(33).series
+    result = chain.run(_inputs(_write_series(list(lumbar), tmp_path / "lumbar")))
+    assert result.not_analysed is not None and not result.findings
+    assert "sacroiliac joints were not found" in result.not_analysed.detail
+    datasets, _ = ct_phantom
+    thick = datasets[:: max(2, int(round(8.0 / float(datasets[0].SliceThickness))))]
+    result = chain.run(_inputs(_write_series(thick, tmp_path / "thick")))
+    assert result.not_analysed is not None and "mm apart" in result.not_analysed.detail
+    with pytest.raises(ValueError, match="unknown option"):
+        _chain(random_pack, top_k=3)

@@ -27,7 +27,7 @@ from torch import nn
 from pipeline.cam import normalize_cam
 from pipeline.packs import PackError
 
-from .model import GRADCAM_LAYERS, NETWORKS, SELECTIONS, NetworkSpec, build_network
+from .model import NETWORKS, SELECTIONS, NetworkSpec, build_network, last_stage
 from .preprocess import Box, Settings, Volume, network_input, paste, read_volume, windowed
 
 OUTPUT = "sacroiliitis"  # the manifest output this chain reports
@@ -144,7 +144,7 @@ class CTSlicesModel:
             for module in network.modules():  # backward hooks cannot follow in-place ReLUs
                 if isinstance(module, nn.ReLU):
                     module.inplace = False
-            self._cams[name] = GradCAM(nn_module=network, target_layers=GRADCAM_LAYERS[name], postprocessing=normalize_cam)
+            self._cams[name] = GradCAM(nn_module=network, target_layers=last_stage(network), postprocessing=normalize_cam)
         return self._cams[name]
 
     # -- the whole series ------------------------------------------------------------------------

@@ -39,8 +39,6 @@ RESNEXT50_PARAMETERS_2 = RESNEXT50_PARAMETERS_1000 - 2048 * 998 - 998
 INCEPTION_V4_PARAMETERS_2 = INCEPTION_V4_PARAMETERS_1000 - 1536 * 998 - 998
 
 PUBLISHED_INPUT = {RESNEXT: 224, INCEPTION: 299}
-#: the module Grad-CAM hooks: each network's last convolutional stage
-GRADCAM_LAYERS = {RESNEXT: "layer4", INCEPTION: "features.21"}
 
 
 # ---------------------------------------------------------------------------------- ResNeXt-50
@@ -386,3 +384,13 @@ def build_network(spec: NetworkSpec, classes: int = 2) -> nn.Module:
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def last_stage(network: nn.Module) -> str:
+    """The module Grad-CAM hooks: the last convolutional stage (``layer4``; Inception-v4's last
+    block, ``features.21`` at the published depth)."""
+    if isinstance(network, ResNeXt):
+        return "layer4"
+    if isinstance(network, InceptionV4):
+        return f"features.{len(network.features) - 1}"
+    raise TypeError(f"not a ct-slices network: {type(network).__name__}")
