@@ -319,7 +319,7 @@ def test_chain_reports_one_patient_level_finding_slice_scores_and_grad_cam(ct_ph
 
     datasets, crosses = ct_phantom
     files = _write_series(datasets, tmp_path / "ct")
-    chain = _chain(random_pack, report_slices=4)
+    chain = _chain(random_pack, report_slices=4, parametric_maps=True)
     result = chain.run(_inputs(files))
     (finding,) = result.findings
     assert finding.scope is Scope.PATIENT and finding.laterality is None and finding.concept.meaning == "Sacroiliitis"
@@ -336,7 +336,8 @@ def test_chain_reports_one_patient_level_finding_slice_scores_and_grad_cam(ct_ph
         rows, cols = np.nonzero(heat.values)
         assert rows.size == 0 or (rows.max() - rows.min() <= box + 2 and cols.max() - cols.min() <= box + 2)
     outputs = chain.produce(_inputs(files))
-    assert [str(ds.Modality) for ds in outputs] == ["SR", "OT", "OT", "OT"]
+    sr, sc, pm = "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.30"
+    assert [str(ds.SOPClassUID) for ds in outputs] == [sr, sc, sc, sc, pm, pm, pm]
 
 
 def test_chain_says_why_it_did_not_analyse(random_pack: Path, ct_phantom: tuple[list[Dataset], list[bool]], tmp_path: Path) -> None:
@@ -351,3 +352,61 @@ def test_chain_says_why_it_did_not_analyse(random_pack: Path, ct_phantom: tuple[
     assert result.not_analysed is not None and "mm apart" in result.not_analysed.detail
     with pytest.raises(ValueError, match="unknown option"):
         _chain(random_pack, top_k=3)
+
+
+# --- the committed demonstration pack ---------------------------------------------------------------
+DEMO_PACK = Path(__file__).resolve().parent.parent / "packs" / "ct-slices-demo"
+
+
+def test_demo_pack_is_a_small_declared_demonstration() -> None:
+    pack = load_pack(DEMO_PACK)
+    pack.verify()
+    assert pack.manifest.demo and pack.manifest.chain == "ct-slices"
+    assert pack.manifest.architecture.hyperparameters["model"] == "average"
+    assert pack.weights_path.stat().st_size < 25 * 2**20
+    assert "PCA" in pack.manifest.preprocessing["pca_whitening"]
+    held_out = pack.manifest.evaluation["held_out"]
+    assert held_out["sacroiliitis"]["auc"]["value"] is not None
+
+
+def test_demo_pack_grad_cam_lies_on_the_side_of_a_unilateral_lesion(tmp_path: Path) -> None:
+    """Right-sided structural sacroiliitis: the Grad-CAM mass lies on the patient's right (LPS x below the midline)."""
+    study = generate_study(90031, kinds=("ct",), lesions={"lesions": [], "mny_grade": {"left": 0, "right": 3}})
+    (_, datasets), = study.series
+    midline = float(study.ground_truth["anatomy"]["joint_center_lps_mm"][0])
+    result = _chain(DEMO_PACK).run(_inputs(_write_series(list(datasets), tmp_path / "ct")))
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in datasets}
+    right = left = 0.0
+    for heat in result.maps:
+        source = by_uid[heat.source.sop_instance_uid]
+        origin, row, col, dr, dc = _geometry(source)
+        rows, cols = np.indices(heat.values.shape)
+        x = origin[0] + cols * dc * row[0] + rows * dr * col[0]  # patient x: + is the patient's left
+        right += float(heat.values[x < midline].sum())
+        left += float(heat.values[x > midline].sum())
+    assert result.maps and right > left, (right, left)
+
+
+def test_train_and_evaluate_through_the_cli_on_four_phantoms(tmp_path: Path) -> None:
+    """``sijnode train ct-slices`` (patient-wise split, one epoch) then ``sijnode evaluate``: a pack the chain loads, the shared reports."""
+    import json
+
+    from node.cli import main
+    from pipeline.phantom import write_study
+
+    specs = {90051: (0, 3), 90052: (2, 0), 90053: (1, 0), 90054: (0, 0)}
+    for seed, (left, right) in specs.items():
+        write_study(generate_study(seed, kinds=("ct",), lesions={"lesions": [], "mny_grade": {"left": left, "right": right}}), tmp_path / "data")
+    assert main(["train", "ct-slices", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "pack"), "--epochs", "1", "--json"]) == 0
+    pack = load_pack(tmp_path / "pack")
+    training = json.loads((pack.folder / "training.json").read_text())
+    split = training["split"]
+    assert sorted(split["training"] + split["validation"]) == [f"SYNTH-{s}" for s in sorted(specs)] and split["validation"]
+    assert set(training["phases"]) == {RESNEXT, INCEPTION}
+    assert "2 with sacroiliitis on CT" in pack.manifest.training_data
+    assert main(["evaluate", str(pack.folder), "--data", str(tmp_path / "data"), "--json"]) == 0
+    report = json.loads((pack.folder / "evaluation.json").read_text())
+    assert set(report["outputs"]) == {"sacroiliitis", RESNEXT, INCEPTION}
+    assert {c["study"] for c in report["cases"]} == {f"SYNTH-{s}" for s in specs}
+    assert (pack.folder / "roc.png").stat().st_size > 0
+    assert load_pack(pack.folder).manifest.evaluation["held_out"]["studies"] == 4

@@ -224,7 +224,7 @@ def train(
     parameters = {name: count_parameters(network) for name, network in networks.items()}
     slices = sum(len(s.slice_labels) for s in prepared["training"])  # joint slices; training used a subset (Recipe)
     positive_slices = sum(int(s.slice_labels.sum()) for s in prepared["training"])
-    train_pos = sum(s.study.positive for s in training_studies)
+    train_pos = sum(s.positive for s in training_studies)
     hard = sum(s.hard_negative for s in studies)
     manifest = {
         "name": "ct-slices-demo",
