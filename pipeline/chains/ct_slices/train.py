@@ -62,7 +62,7 @@ from .preprocess import PUBLISHED_PREPROCESSING, Settings, network_input, read_v
 CHAIN = "ct-slices"
 PACK_VERSION = "1.0.0"
 THRESHOLD = 0.5
-DEFAULT_EPOCHS = 5
+DEFAULT_EPOCHS = 10
 TOP_K = 3
 
 #: the demonstration pack's networks: both, averaged; narrow and shallow (declared in the manifest)
