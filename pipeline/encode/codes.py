@@ -79,6 +79,7 @@ CODES: MappingProxyType[str, Concept] = MappingProxyType(
         "equivalent meaning": Concept("121050", "DCM", "Equivalent Meaning of Concept Name"),
         "visual explanation": Concept("130401", "DCM", "Visual explanation"),
         "summary": Concept("121111", "DCM", "Summary"),
+        "finding": Concept("121071", "DCM", "Finding"),
         "series": Concept("113015", "DCM", "Series"),
         "not performed": Concept("262008008", "SCT", "Not performed"),
         # Findings with a verified standard code: edema (SCT 79654002, "Edema"; with the finding

@@ -76,9 +76,16 @@ TOP_SCORES = 5
 
 
 def encode_sr(
-    result: ChainResult, series_instance_uid: str, series_number: int
+    result: ChainResult,
+    series_instance_uid: str,
+    series_number: int,
+    description: str | None = None,
+    previous_versions: Sequence[Dataset] = (),
 ) -> hd.sr.Comprehensive3DSR:
-    """The chain's findings, top per-image scores and explanations as a TID 1500 Comprehensive 3D SR."""
+    """The chain's findings, top per-image scores and explanations as a TID 1500 Comprehensive 3D SR.
+
+    ``previous_versions``: the SR(s) this one supersedes, listed in its Predecessor Documents
+    Sequence (highdicom's ``previous_versions``)."""
     if not result.sources:
         raise ValueError("a result without source images cannot be reported")
     provenance = result.provenance
@@ -88,13 +95,10 @@ def encode_sr(
         *_image_score_groups(result, top),
         *_explanation_groups(result),
     ]
-    report = hd.sr.MeasurementReport(
-        observation_context=_observation_context(provenance),
-        procedure_reported=_procedure_reported(result.sources),
-        imaging_measurements=groups or None,
-        referenced_images=cited_sources(result, top),
+    report = measurement_report(
+        _observation_context(provenance), procedure_reported(result.sources), groups, cited_sources(result, top)
     )
-    _insert_before_image_library(report[0], _qualitative_evaluations(reader_summary(result, top)))
+    insert_before_image_library(report[0], qualitative_evaluations(reader_summary(result, top)))
     (sop_instance_uid,) = instance_uids(series_instance_uid, 1)
     sr = hd.sr.Comprehensive3DSR(
         evidence=list(result.sources),
@@ -106,15 +110,47 @@ def encode_sr(
         manufacturer=MANUFACTURER,
         is_complete=True,
         is_verified=False,
-        series_description=series_description(provenance, "findings"),
+        series_description=description or series_description(provenance, "findings"),
         performed_procedure_codes=_source_procedure_codes(result.sources) or None,
+        previous_versions=list(previous_versions) or None,
     )
     add_algorithm_equipment(sr, provenance)
     declare_private_schemes(sr, result.sources)
     return sr
 
 
+def measurement_report(
+    observation_context: hd.sr.ObservationContext,
+    procedure: hd.sr.CodedConcept,
+    groups: Sequence[hd.sr.MeasurementsAndQualitativeEvaluations],
+    referenced_images: Sequence[Dataset],
+) -> hd.sr.MeasurementReport:
+    """highdicom's TID 1500 builder, also without measurement groups (a not-analysed result, the
+    study summary): TID 1500's Imaging Measurements (row 6) is conditional, one of rows 6, 10
+    and 12 suffices, but highdicom insists on a group; so one is built and its container dropped."""
+    placeholder = [hd.sr.MeasurementsAndQualitativeEvaluations(hd.sr.TrackingIdentifier(identifier="none"))]
+    report = hd.sr.MeasurementReport(
+        observation_context=observation_context,
+        procedure_reported=procedure,
+        imaging_measurements=list(groups) or placeholder,
+        referenced_images=list(referenced_images),
+    )
+    if not groups:
+        root = report[0]
+        root.ContentSequence = hd.sr.ContentSequence(
+            [item for item in root.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue != "126010"],
+            is_root=False,
+        )
+    return report
+
+
 # -- what the reader sees first -------------------------------------------------------------------
+
+
+def in_sentence(meaning: str) -> str:
+    """A code meaning inside a sentence: first letter lower-case ('Active sacroiliitis' -> 'active
+    sacroiliitis'), the rest as written ('New York' stays)."""
+    return meaning[:1].lower() + meaning[1:]
 
 
 def decision_text(finding: Finding) -> str:
@@ -123,7 +159,7 @@ def decision_text(finding: Finding) -> str:
     both sides together (no side decided)'."""
     decision = "PRESENT" if finding.present else "ABSENT"
     text = (
-        f"{decision}: probability {finding.probability:.2f} of {finding.concept.meaning.lower()} "
+        f"{decision}: probability {finding.probability:.2f} of {in_sentence(finding.concept.meaning)} "
         f"(present at >= {finding.threshold:.2f}); {finding.label}"
     )
     return f"{text}. {finding.note}" if finding.note else text
@@ -131,7 +167,7 @@ def decision_text(finding: Finding) -> str:
 
 def probability_meaning(finding: Finding) -> str:
     """What the probability is a probability of, in words."""
-    return f"Probability of {finding.concept.meaning.lower()}, {finding.label}"
+    return f"Probability of {in_sentence(finding.concept.meaning)}, {finding.label}"
 
 
 def top_scores(result: ChainResult, count: int = TOP_SCORES) -> dict[str, list[ImageScore]]:
@@ -149,7 +185,7 @@ def score_list_text(result: ChainResult, meaning: str, top: Sequence[ImageScore]
     entries = "; ".join(
         f"instance {instance_number(find_source(result, score.source))}: {score.value:.3f}" for score in top
     )
-    return f"Top {len(top)} of {total} images by {meaning.lower()}: {entries}"
+    return f"Top {len(top)} of {total} images by {in_sentence(meaning)}: {entries}"
 
 
 def explanation_text(explanations: Sequence[SideExplanation]) -> str:
@@ -157,8 +193,8 @@ def explanation_text(explanations: Sequence[SideExplanation]) -> str:
     first = explanations[0]
     parts = ", ".join(f"{e.laterality.value} {e.value:.2f}" for e in explanations)
     return (
-        f"Explanation, not a finding (where the model looked for {first.explains.meaning.lower()}): "
-        f"{first.concept.meaning.lower()}, {parts}. The model does not decide a side."
+        f"Explanation, not a finding (where the model looked for {in_sentence(first.explains.meaning)}): "
+        f"{in_sentence(first.concept.meaning)}, {parts}. The model does not decide a side."
     )
 
 
@@ -167,18 +203,18 @@ def reader_summary(result: ChainResult, top: dict[str, list[ImageScore]]) -> lis
     provenance = result.provenance
     items: list[hd.sr.ContentItem] = []
     if provenance.demonstration:
-        items.append(_text(concept("comment"), demonstration_notice(provenance)))
+        items.append(text_item(concept("comment"), demonstration_notice(provenance)))
     if result.not_analysed is not None:
-        items.append(_text(concept("comment"), f"{provenance.algorithm_name}: {result.not_analysed.text}"))
+        items.append(text_item(concept("comment"), f"{provenance.algorithm_name}: {result.not_analysed.text}"))
     for finding in result.findings:
-        items.append(_text(finding.concept, decision_text(finding)))
+        items.append(text_item(finding.concept, decision_text(finding)))
     for meaning, scores in top.items():
-        items.append(_text(scores[0].concept, score_list_text(result, meaning, scores)))
+        items.append(text_item(scores[0].concept, score_list_text(result, meaning, scores)))
     by_finding: dict[Concept, list[SideExplanation]] = defaultdict(list)
     for explanation in result.explanations:
         by_finding[explanation.explains].append(explanation)
     for explanations in by_finding.values():
-        items.append(_text(concept("visual explanation"), explanation_text(explanations)))
+        items.append(text_item(concept("visual explanation"), explanation_text(explanations)))
     return items
 
 
@@ -191,7 +227,7 @@ def cited_sources(result: ChainResult, top: dict[str, list[ImageScore]]) -> list
     return listed or list(result.sources[:1])
 
 
-def _insert_before_image_library(root: Dataset, item: Dataset) -> None:
+def insert_before_image_library(root: Dataset, item: Dataset) -> None:
     """Put ``item`` right after Procedure Reported, before the Image Library (module doc)."""
     sequence = list(root.ContentSequence)
     library = next(
@@ -199,6 +235,15 @@ def _insert_before_image_library(root: Dataset, item: Dataset) -> None:
     )
     sequence.insert(library, item)
     root.ContentSequence = hd.sr.ContentSequence(sequence, is_root=False)
+
+
+def report_lines(sr: Dataset) -> list[str]:
+    """The lines a reader sees first in one of our SRs (the report-level Qualitative Evaluations'
+    texts: demonstration notice, findings, top scores, explanations), for the study summary."""
+    for item in sr.get("ContentSequence", []):
+        if item.ConceptNameCodeSequence[0].CodeValue == concept("qualitative evaluations").value:
+            return [str(child.TextValue) for child in item.get("ContentSequence", []) if child.ValueType == "TEXT"]
+    return []
 
 
 # -- the TID 1501 groups ----------------------------------------------------------------------------
@@ -229,7 +274,7 @@ def _source_procedure_codes(sources: Sequence[Dataset]) -> list[hd.sr.CodedConce
     return list(found.values())
 
 
-def _procedure_reported(sources: Sequence[Dataset]) -> hd.sr.CodedConcept:
+def procedure_reported(sources: Sequence[Dataset]) -> hd.sr.CodedConcept:
     """TID 1500 Procedure Reported: the source's own code when it is a CID 100 code, else the
     CID 100 code for the source's modality.
 
@@ -327,7 +372,7 @@ def _finding_group(
             _number(
                 concept("threshold"),
                 finding.threshold,
-                f"Operating threshold: {finding.concept.meaning.lower()} present when the probability is >= {finding.threshold:.2f}",
+                f"Operating threshold: {in_sentence(finding.concept.meaning)} present when the probability is >= {finding.threshold:.2f}",
             ),
         ],
         source_images=[_group_source_image(ref) for ref in finding.evidence] or None,
@@ -386,7 +431,7 @@ def _explanation_groups(result: ChainResult) -> list[hd.sr.MeasurementsAndQualit
     if not result.explanations:
         return []
     first = result.explanations[0]
-    identifier = f"Explanation, not a finding: {first.concept.meaning.lower()}"
+    identifier = f"Explanation, not a finding: {in_sentence(first.concept.meaning)}"
     measurements = []
     for explanation in result.explanations:
         finding = next(f for f in result.findings if f.concept == explanation.explains)
@@ -394,8 +439,8 @@ def _explanation_groups(result: ChainResult) -> list[hd.sr.MeasurementsAndQualit
             _number(
                 explanation.concept,
                 explanation.value,
-                f"Explanation, not a finding: {explanation.concept.meaning.lower()}, {explanation.laterality.value} side, "
-                f"for the patient-level {explanation.explains.meaning.lower()} (no side decided)",
+                f"Explanation, not a finding: {in_sentence(explanation.concept.meaning)}, {explanation.laterality.value} side, "
+                f"for the patient-level {in_sentence(explanation.explains.meaning)} (no side decided)",
                 finding_sites=[
                     hd.sr.FindingSite(
                         anatomic_location=coded(site_code(finding.site)),
@@ -420,13 +465,13 @@ def _group_source_image(ref: ImageRef) -> hd.sr.SourceImageForMeasurementGroup:
     )
 
 
-def _text(name: Concept, value: str) -> hd.sr.TextContentItem:
+def text_item(name: Concept, value: str) -> hd.sr.TextContentItem:
     return hd.sr.TextContentItem(
         name=coded(name), value=value, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
     )
 
 
-def _qualitative_evaluations(items: Sequence[hd.sr.ContentItem]) -> hd.sr.ContainerContentItem:
+def qualitative_evaluations(items: Sequence[hd.sr.ContentItem]) -> hd.sr.ContainerContentItem:
     """TID 1500 row 12, the report-level Qualitative Evaluations container.
 
     Hand-written: highdicom's MeasurementReport has no argument for it.
