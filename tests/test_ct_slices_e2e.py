@@ -35,8 +35,9 @@ def _outputs(pacs, study_uid: str, heatmaps: int) -> dict[str, list[bytes]] | No
         return None
     found: dict[str, list[bytes]] = {}
     for series in pacs.get(f"/studies/{matches[0]['ID']}/series"):
-        if series["MainDicomTags"].get("Modality") == "CT":
-            continue
+        description = series["MainDicomTags"].get("SeriesDescription", "")
+        if series["MainDicomTags"].get("Modality") == "CT" or "ct-slices" not in description:
+            continue  # the source series, and objects of other writers (e.g. the study summary)
         for instance in series["Instances"]:
             found.setdefault(pacs.instance_tags(instance)["SOPClassUID"], []).append(pacs.instance_file(instance))
     ready = SR_CLASS in found and len(found.get(SC_CLASS, [])) >= heatmaps
@@ -89,7 +90,7 @@ def test_orthanc_pushes_ct_studies_and_gets_the_sr_heatmaps_and_a_not_analysed_r
     assert len(heatmaps) == 3
     for heatmap in heatmaps:
         assert str(heatmap.SourceImageSequence[0].ReferencedSOPInstanceUID) in analysed_uids
-        assert (heatmap.Rows, heatmap.Columns) == (512, 512)
+        assert heatmap.Columns == 512 and heatmap.Rows >= 512  # the source grid, and the text band below it
 
     (lumbar_sr,) = not_analysed[SR_CLASS]
     texts = " ".join(_texts(dcmread(io.BytesIO(lumbar_sr))))
