@@ -758,11 +758,16 @@ def test_output_plan_numbers_names_and_links_each_kind(demo_result: ChainResult)
     """Result 2 of a chain with base 9300: each kind in its own series at base + offset + 10,
     a site's SR description kept behind the demonstration mark, "result 2" on every series,
     segmentation overlays apart from the heatmaps, and the SR pointing at its predecessor."""
-    from pipeline.results import Map, MapMeaning
+    from pipeline.results import Category, Map, MapMeaning
     from pipeline.route import ChainSeries, OutputKind, OutputPlan
 
     source = demo_result.sources[len(demo_result.sources) // 2]
-    overlay = Map(ImageRef.of(source), np.zeros((int(source.Rows), int(source.Columns))), MapMeaning.SEGMENTATION)
+    overlay = Map(
+        ImageRef.of(source),
+        np.zeros((int(source.Rows), int(source.Columns))),
+        MapMeaning.SEGMENTATION,
+        categories=(Category(1.0, "sacrum"),),
+    )
     result = replace(demo_result, maps=[*demo_result.maps, overlay])
     (first, *_) = encode_result(result)
     series = ChainSeries(base=9300, descriptions={OutputKind.SR: "SIJ MRI AI"})

@@ -18,6 +18,7 @@ from monai.visualize import GradCAM
 from pydicom import Dataset
 
 from pipeline.cam import normalize_cam
+from pipeline.chains.base import inference_context
 
 from .data import LEFT_ILIUM, RIGHT_ILIUM, SACRUM
 from .joints import JointCrop, ilium_classes, joint_regions
@@ -88,7 +89,7 @@ class AnatomyAwareModel:
         """Class map on the segmenter's grid (in the radiograph's row/column order): sliding-window
         inference, argmax, largest connected component per class."""
         image = segmenter_input(gray, self.segmentation).to(self.device)
-        with torch.no_grad():
+        with inference_context():
             logits = self.inferer(image, self.networks.segmenter)
         labels = plain(logits).argmax(dim=1)  # (1, S, S): channel-first for MONAI
         small = np.asarray(plain(self.keep_largest(labels.cpu()))[0].numpy(), dtype=np.uint8)
@@ -101,7 +102,7 @@ class AnatomyAwareModel:
     def classify(self, crop_image: np.ndarray) -> tuple[float, torch.Tensor]:
         """P(radiographic sacroiliitis) for a crop, and the classifier's input (for Grad-CAM)."""
         x = classifier_input(crop_image, self.classification)
-        with torch.no_grad():
+        with inference_context():
             logits = self.networks.classifier(plain(x)[None].to(self.device))
         probability = float(torch.softmax(logits.float(), dim=1)[0, POSITIVE_CLASS])
         return probability, x
