@@ -761,6 +761,27 @@ def cmd_packs_import_anatomy_aware(args: argparse.Namespace, config: Config | No
     return EXIT_OK
 
 
+def cmd_packs_import_ct_slices(args: argparse.Namespace, config: Config | None, out: Output) -> int:
+    """``sijnode packs import-ct-slices``: site-trained ResNeXt-50 / Inception-v4 checkpoints to a ct-slices pack."""
+    from pipeline.chains.ct_slices.importer import WeightsImportError, import_ct_slices
+
+    try:
+        pack = import_ct_slices(
+            Path(args.out),
+            resnext50=Path(args.resnext50) if args.resnext50 else None,
+            inception_v4=Path(args.inception_v4) if args.inception_v4 else None,
+            threshold=args.threshold,
+            trust_pickle=args.trust_pickle,
+        )
+    except WeightsImportError as error:
+        raise CLIError(str(error), EXIT_INVALID) from None
+    if out.json:
+        _print_json({"pack": str(pack.folder), "name": pack.manifest.name, "version": pack.manifest.version, "sha256": pack.manifest.weights.sha256})
+    else:
+        out.line(f"wrote pack {pack.manifest.name} {pack.manifest.version} to {pack.folder}")
+    return EXIT_OK
+
+
 def cmd_train(args: argparse.Namespace, config: Config | None, out: Output) -> int:
     from pipeline.training import train_chain
 
@@ -888,7 +909,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_cmd = sub.add_parser("config", help="check config.yaml", parents=[common])
     config_sub = config_cmd.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND", parser_class=_Parser)
     add("check", cmd_config_check, "validate config.yaml and the files it names (exit 2 on a problem)", config_sub)
-    packs_cmd = sub.add_parser("packs", help="model packs: list, verify, import-anatomy-aware", parents=[common])
+    packs_cmd = sub.add_parser("packs", help="model packs: list, verify, import-anatomy-aware, import-ct-slices", parents=[common])
     packs_sub = packs_cmd.add_subparsers(dest="packs_command", required=True, metavar="SUBCOMMAND", parser_class=_Parser)
     add("list", cmd_packs_list, "the configured chains' packs", packs_sub)
     verify = add("verify", cmd_packs_verify, "check packs' weights against their manifests (sha256)", packs_sub)
@@ -902,6 +923,16 @@ def build_parser() -> argparse.ArgumentParser:
     anatomy.add_argument("--out", required=True, help="pack folder to write")
     anatomy.add_argument("--trust-pickle", action="store_true", help="allow full unpickling (only for files from a trusted source)")
     anatomy.set_defaults(needs_config=False)
+    ct_slices = add(
+        "import-ct-slices", cmd_packs_import_ct_slices,
+        "import site-trained ResNeXt-50 (torchvision layout) and/or Inception-v4 (timm layout) weights as a ct-slices pack", packs_sub,
+    )
+    ct_slices.add_argument("--resnext50", help="state dict of torchvision resnext50_32x4d with a 2-class fc")
+    ct_slices.add_argument("--inception-v4", help="state dict of timm inception_v4 with num_classes=2")
+    ct_slices.add_argument("--out", required=True, help="pack folder to write")
+    ct_slices.add_argument("--threshold", type=float, default=0.5, help="operating threshold on the study probability (default 0.5)")
+    ct_slices.add_argument("--trust-pickle", action="store_true", help="allow full unpickling (only for files from a trusted source)")
+    ct_slices.set_defaults(needs_config=False)
     train = add("train", cmd_train, "train a chain's model pack on phantom studies")
     train.add_argument("chain")
     train.add_argument("--data", required=True, help="folder written by sijnode phantom")

@@ -39,6 +39,7 @@ T = TypeVar("T")
 TRAINERS = {
     "t2fs-mil": "pipeline.chains.t2fs_mil.train",
     "xr-anatomy": "pipeline.chains.xr_anatomy.train",
+    "ct-slices": "pipeline.chains.ct_slices.train",
 }
 
 
