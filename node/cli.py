@@ -446,9 +446,14 @@ def cmd_evaluate(args: argparse.Namespace, config: Config | None) -> int:
     if args.json:
         _print_json(report)
         return 0
-    for variant, metrics in report.get("variants", {"": report.get("metrics", {})}).items():
-        rows = [[name, f"{m['value']:.3f}", f"{m['ci95_low']:.3f}–{m['ci95_high']:.3f}"] for name, m in metrics.items()]
-        console.print(_table(f"Evaluation {variant}".strip(), ["metric", "value", "95% CI (bootstrap)"], rows))
+    def shown(value: float | None) -> str:
+        return "–" if value is None else f"{value:.3f}"
+
+    for output, scored in report["outputs"].items():
+        rows = [[name, shown(m["value"]), f"{shown(m['ci95_low'])}–{shown(m['ci95_high'])}"] for name, m in scored["metrics"].items()]
+        console.print(_table(f"Evaluation: {output} (p ≥ {scored['threshold']:g})", ["metric", "value", "95% CI (bootstrap)"], rows))
+        rows = [[sub, str(r["studies"]), str(r["positives"]), shown(r["sensitivity"]), shown(r["specificity"])] for sub, r in scored["subgroups"].items()]
+        console.print(_table("Per subgroup", ["subgroup", "studies", "positive", "sensitivity", "specificity"], rows))
     for name in ("roc_png", "report"):
         if report.get(name):
             console.print(f"{name}: {report[name]}")

@@ -24,7 +24,9 @@ from pipeline.chains.t2fs_mil.model import (
     build_model,
 )
 from pipeline.chains.t2fs_mil.preprocess import order_slices, preprocess_series
-from pipeline.chains.t2fs_mil.train import DEMO_HYPERPARAMETERS, Recipe, evaluate, train
+from pipeline.chains.t2fs_mil.inference import OUTPUT
+from pipeline.chains.t2fs_mil.train import DEMO_HYPERPARAMETERS, WITHOUT_TTA, Recipe, evaluate, train
+from pipeline.evaluation import METRICS as EVALUATION_METRICS
 from pipeline.packs import PackError, load_pack
 from pipeline.phantom import generate_study, write_study
 from pipeline.results import ChainResult, Laterality, MapMeaning, Site
@@ -398,16 +400,19 @@ def test_a_tiny_training_run_writes_a_pack_the_chain_loads(tiny_data: Path, tmp_
     assert pack.manifest.chain == "t2fs-mil" and pack.manifest.demo
     assert pack.manifest.architecture.hyperparameters == tiny
     report = json.loads((pack.folder / "training.json").read_text())
-    assert report["epochs"] == 1 and [h["epoch"] for h in report["history"]] == [0, 1]
+    assert report["schema"] == "sijnode-training/1" and report["recipe"]["epochs"] == 1
+    assert [h["epoch"] for h in report["phases"]["end to end"]["history"]] == [0, 1]
+    assert [h["epoch"] for h in report["phases"]["MIL head on frozen features"]["history"]] == [0, 1, 2]
     assert not set(report["split"]["training"]) & set(report["split"]["validation"])
 
     result = T2FSMILChain(chain_spec(pack.folder), RuntimeSettings()).run(phantoms["edema"].inputs())
     assert 0.0 <= result.findings[0].probability <= 1.0
 
     summary = evaluate(pack, tiny_data, pack.folder)
-    for variant in ("with TTA", "without TTA"):
-        assert set(summary["variants"][variant]) == {"accuracy", "sensitivity", "specificity", "f1", "auc"}
-        assert set(summary["variants"][variant]["accuracy"]) == {"value", "ci95_low", "ci95_high"}
+    for output in (OUTPUT, WITHOUT_TTA):
+        assert set(summary["outputs"][output]["metrics"]) == set(EVALUATION_METRICS)
+        assert set(summary["outputs"][output]["metrics"]["accuracy"]) == {"value", "ci95_low", "ci95_high"}
+        assert summary["outputs"][output]["subgroups"]["all"]["studies"] == 4
     assert Path(summary["roc_png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads(Path(summary["report"]).read_text())["data"]["studies"] == 4
     assert load_pack(pack.folder).manifest.evaluation["held_out"]["studies"] == 4

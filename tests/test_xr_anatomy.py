@@ -3,6 +3,7 @@ Grad-CAM, the committed demo pack on phantoms, and the patient's sides in the ov
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -578,11 +579,13 @@ def test_train_and_evaluate_write_a_pack_that_records_its_data_and_held_out_numb
     weights = pack.manifest.weights.sha256
 
     report = evaluate_pack(pack.folder, tmp_path / "held-out")
-    assert set(report["variants"][""]) >= {"auc", "sensitivity", "specificity"}
-    assert (pack.folder / "roc.png").is_file() and (pack.folder / "evaluation.md").is_file()
+    metrics = report["outputs"]["radiographic_sacroiliitis"]["metrics"]
+    assert set(metrics) >= {"auc", "sensitivity", "specificity"}
+    assert (pack.folder / "roc.png").is_file() and (pack.folder / "EVALUATION.md").is_file()
+    assert json.loads((pack.folder / "training.json").read_text())["phases"]["classifier"]["selection"] == "last"
     again = load_pack(pack.folder)
     again.verify()
     assert again.manifest.weights.sha256 == weights, "evaluation rewrites the manifest, never the weights"
     held_out = again.manifest.evaluation[HELD_OUT]
     assert held_out["data"].startswith("4 phantom radiographs (seeds 100-103, ")
-    assert held_out["auc"]["value"] == pytest.approx(report["variants"][""]["auc"]["value"], abs=1e-4)
+    assert held_out["radiographic_sacroiliitis"]["auc"]["value"] == pytest.approx(metrics["auc"]["value"], abs=1e-4)

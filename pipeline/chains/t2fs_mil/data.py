@@ -19,6 +19,7 @@ import torch
 from pydicom import Dataset, dcmread
 
 from pipeline.chains.t2fs_mil.preprocess import preprocess_series
+from pipeline.evaluation import phantom_subgroups
 from pipeline.training import seed_ranges
 
 GROUND_TRUTH = "ground_truth.json"
@@ -41,6 +42,7 @@ class Case:
     edema_uids: frozenset[str] = frozenset()  # T2FS images an edema lesion covers (>= 4 mm^2)
     joint_uids: frozenset[str] = frozenset()  # T2FS images that cut a sacroiliac joint (its joint line)
     lesions: str = "random"  # how the phantom's lesions were asked for: random, none or spec
+    subgroups: tuple[str, ...] = ()  # case-mix subgroups (pipeline.evaluation.phantom_subgroups)
 
     def datasets(self) -> list[Dataset]:
         files = sorted(self.t2fs_folder.glob("*.dcm"))
@@ -88,6 +90,7 @@ def read_case(folder: Path) -> Case:
         edema_uids=edema_uids,
         joint_uids=joint_uids,
         lesions=_lesion_source(truth.get("lesion_spec", {})),
+        subgroups=phantom_subgroups(truth),
     )
 
 
