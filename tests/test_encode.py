@@ -147,10 +147,8 @@ def plain_result() -> ChainResult:
 
 @pytest.fixture(scope="module")
 def radiograph_result() -> ChainResult:
-    """A regular pack's result on a pelvis radiograph: bilateral radiographic sacroiliitis."""
-    finding = Finding(
-        concept("radiographic sacroiliitis"), Site.SACROILIAC_JOINT, 0.7, 0.5, Laterality.BILATERAL
-    )
+    """A regular pack's result on a pelvis radiograph: patient-level radiographic sacroiliitis."""
+    finding = Finding.patient_level(concept("radiographic sacroiliitis"), Site.SACROILIAC_JOINT, 0.7, 0.5)
     return chain_result([pelvis_radiograph()], demonstration=False, findings=[finding])
 
 
@@ -450,7 +448,6 @@ EXPECTED_SITE = {Site.SACROILIAC_JOINT: "39723000", Site.ILIUM: "22356005", Site
 EXPECTED_LATERALITY = {
     Laterality.LEFT: "7771000",
     Laterality.RIGHT: "24028007",
-    Laterality.BILATERAL: "51440002",
 }
 EXPECTED_MODIFIER = {Region.UPPER: "264217000", Region.LOWER: "261089000"}  # superior, inferior
 
@@ -486,13 +483,14 @@ def test_findings_come_back_with_site_laterality_region_probability_and_presence
     assert len({g.tracking_uid for g in groups.values()}) == len(groups)
 
 
-def test_radiograph_finding_is_bilateral_without_modifier(
+def test_patient_level_radiograph_finding_has_no_side_and_no_modifier(
     encoded: dict[str, list[pydicom.Dataset]],
 ) -> None:
+    """A patient-level finding is not bilateral: its site carries no laterality at all."""
     (group,) = finding_groups(encoded["radiograph"][0]).values()
     (site,) = group.finding_sites
-    assert (site.value.value, site.laterality.value) == ("39723000", "51440002")
-    assert site.topographical_modifier is None
+    assert site.value.value == "39723000"
+    assert site.laterality is None and site.topographical_modifier is None
 
 
 def test_code_helpers_agree_with_the_expected_codes() -> None:
@@ -504,7 +502,7 @@ def test_code_helpers_agree_with_the_expected_codes() -> None:
 def test_presence_flips_at_the_threshold(demo_result: ChainResult) -> None:
     at = Finding(concept("erosion"), Site.SACRUM, 0.7, 0.7, Laterality.LEFT)
     below = Finding(concept("erosion"), Site.SACRUM, 0.6999, 0.7, Laterality.RIGHT)
-    sr = encode_sr(replace(demo_result, findings=[at, below]), generate_uid(), 9000)
+    sr = encode_sr(replace(demo_result, findings=[at, below], maps=[]), generate_uid(), 9000)
     groups = finding_groups(sr)
     presence = {key: g.get_qualitative_evaluations()[0].value.meaning for key, g in groups.items()}
     assert presence == {"Erosion, left sacrum": "Present", "Erosion, right sacrum": "Absent"}
@@ -580,11 +578,9 @@ def test_image_scores_are_measurements_on_their_source_images(
 
 def test_references_outside_the_sources_are_refused(demo_result: ChainResult) -> None:
     stranger = ImageRef(str(demo_result.sources[0].SOPClassUID), generate_uid())
-    finding = Finding(
-        concept("erosion"), Site.ILIUM, 0.4, 0.5, Laterality.LEFT, evidence=(stranger,)
-    )
+    finding = Finding.patient_level(concept("erosion"), Site.ILIUM, 0.4, 0.5, evidence=(stranger,))
     with pytest.raises(ValueError, match="not among"):
-        encode_sr(replace(demo_result, findings=[finding]), generate_uid(), 9000)
+        encode_sr(replace(demo_result, findings=[finding], maps=[]), generate_uid(), 9000)
 
 
 # --- demonstration labelling ----------------------------------------------------------------

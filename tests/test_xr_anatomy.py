@@ -60,7 +60,7 @@ from pipeline.chains.xr_anatomy.preprocess import (
 from pipeline.chains.xr_anatomy.train import split
 from pipeline.packs import load_pack
 from pipeline.phantom import generate_study, write_study
-from pipeline.results import ChainResult, Laterality, MapMeaning, Site
+from pipeline.results import ChainResult, Laterality, MapMeaning, Scope, Site
 from pipeline.route import ChainSpec
 from pipeline.training import count_parameters
 
@@ -492,7 +492,7 @@ def test_demo_pack_tells_radiographic_sacroiliitis_from_a_healthy_pelvis(results
     for name, result in results.items():
         (finding,) = result.findings
         assert finding.concept.meaning.startswith("Radiographic sacroiliitis")
-        assert (finding.site, finding.laterality, finding.threshold) == (Site.SACROILIAC_JOINT, Laterality.BILATERAL, 0.59)
+        assert (finding.site, finding.scope, finding.laterality, finding.threshold) == (Site.SACROILIAC_JOINT, Scope.PATIENT, None, 0.59)
         assert finding.evidence[0].sop_instance_uid == str(phantoms[name].dataset.SOPInstanceUID)
         assert finding.present is phantoms[name].positive, f"{name}: p = {finding.probability:.3f}"
     # A confident positive carries the paper's statement, and the warning that this pack is not the paper's.
@@ -510,7 +510,11 @@ def test_maps_lie_on_the_radiograph_grid_and_grad_cam_is_normalized_inside_the_c
         cam, overlay = result.maps
         assert (cam.meaning, overlay.meaning) == (MapMeaning.GRAD_CAM, MapMeaning.SEGMENTATION)
         assert cam.values.shape == overlay.values.shape == shape
-        assert 0.0 <= cam.values.min() and cam.values.max() == pytest.approx(1.0, abs=1e-3)
+        # on the shared absolute scale: the peak is the finding's probability (pipeline.cam.evidence_map)
+        assert 0.0 <= cam.values.min() and cam.values.max() == pytest.approx(result.findings[0].probability, abs=1e-3)
+        # where the model looked, per side: an explanation that sums to at most the whole map
+        shares = {e.laterality: e.value for e in result.explanations}
+        assert set(shares) == {Laterality.LEFT, Laterality.RIGHT} and sum(shares.values()) <= 1.0 + 1e-6
         r0, c0, r1, c1 = result.provenance.parameters["crop_box_rc"]
         outside = np.ones(shape, dtype=bool)
         outside[r0:r1, c0:c1] = False

@@ -88,6 +88,7 @@ CODES: MappingProxyType[str, Concept] = MappingProxyType(
         "structural changes": _private("STRUCTURAL", "Structural lesions of sacroiliac joints"),
         # Per-image scores and report notes.
         "attention weight": _private("ATTN-WEIGHT", "Attention weight"),
+        "share of Grad-CAM in joint box": _private("CAM-SHARE", "Share of Grad-CAM in joint box (explanation)"),
         "demonstration notice": _private("DEMO-NOTICE", "Demonstration notice"),
     }
 )

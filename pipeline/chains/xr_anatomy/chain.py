@@ -1,14 +1,19 @@
 """The node's xr-anatomy chain: an AP pelvic radiograph in, one patient-level finding and two maps out.
 
-Finding: radiographic sacroiliitis (modified New York criteria), site sacroiliac joint, bilateral,
-the probability of the classifier's positive class, the pack's operating threshold (0.59
+Finding: radiographic sacroiliitis (modified New York criteria), site sacroiliac joint, patient
+level (the classifier sees both joints in one crop and has one output: no side is decided), the
+probability of the classifier's positive class, the pack's operating threshold (0.59
 published). ``Finding.present`` is ``probability >= threshold`` while the paper calls a
 radiograph positive when p > 0.59: the two differ only for p exactly equal to 0.59, a set of
 measure zero for a softmax output, so the framework's rule is kept. At p >= 0.7 the finding's
 note says what the paper found such confident predictions to mean.
 
 Maps (on the radiograph's pixel grid): the Grad-CAM of the classifier's last stage, drawn back
-from the crop onto the whole radiograph, and the segmentation overlay of :mod:`.overlay`.
+from the crop onto the whole radiograph and scaled by the probability (``evidence_map``), and the
+segmentation overlay of :mod:`.overlay` as a categorical map.
+
+Explanation (never a finding): the share of the Grad-CAM inside each side's joint box, i.e.
+where the model looked, per side.
 
 Options (config.yaml ``chains[].options``; ``ModelChain`` refuses unknown ones):
 
@@ -25,19 +30,23 @@ from pydicom import Dataset
 
 from pipeline.chains import StudyInputs
 from pipeline.chains.base import ModelChain
+import numpy as np
+
+from pipeline.cam import evidence_map
 from pipeline.results import (
+    Category,
     ChainResult,
     Finding,
     ImageRef,
     Laterality,
     Map,
     MapMeaning,
+    SideExplanation,
     Site,
 )
 
 from .inference import Analysis, AnatomyAwareModel
-from .overlay import CAPTION as OVERLAY_CAPTION
-from .overlay import segmentation_overlay
+from .overlay import BONE, JOINT, MARK, segmentation_overlay
 
 OUTPUT = "radiographic_sacroiliitis"  # the manifest output this chain reports
 HIGH_CONFIDENCE = 0.7
@@ -47,7 +56,13 @@ HIGH_CONFIDENCE_NOTE = (
     "2.16 (95 % CI 1.19-3.86) for progression to radiographic sacroiliitis within two years."
 )
 DEMO_NOTE = "This is a demonstration pack trained on phantoms: the published finding does not apply to it."
-GRADCAM_CAPTION = "Grad-CAM (last ResNet stage), evidence for radiographic sacroiliitis, relative to the image's maximum"
+GRADCAM_CAPTION = "Grad-CAM x p (last ResNet stage): evidence for radiographic sacroiliitis"
+OVERLAY_CAPTION = "Segmentation and joint regions the classifier used"
+OVERLAY_CATEGORIES = (
+    Category(BONE, "sacrum and ilia"),
+    Category(JOINT, "joint regions"),
+    Category(MARK, "joint and crop boxes, L/R letters (patient's side)"),
+)
 
 
 class XRAnatomyChain(ModelChain):
@@ -69,23 +84,49 @@ class XRAnatomyChain(ModelChain):
         source = self._radiograph(inputs)
         analysis = self.model.analyze(source, timed=self.timed)
         ref = ImageRef.of(source)
-        finding = Finding(
-            concept=concept("radiographic sacroiliitis"),
-            site=Site.SACROILIAC_JOINT,
-            probability=min(max(analysis.probability, 0.0), 1.0),
-            threshold=self.threshold,
-            laterality=Laterality.BILATERAL,
+        finding = Finding.patient_level(
+            concept("radiographic sacroiliitis"),
+            Site.SACROILIAC_JOINT,
+            min(max(analysis.probability, 0.0), 1.0),
+            self.threshold,
             evidence=(ref,),
             note=self.note(analysis),
         )
         with self.timed("overlay"):
             overlay = segmentation_overlay(analysis.labels, analysis.classes, analysis.crop)
-        maps = [Map(ref, overlay.values, MapMeaning.SEGMENTATION, caption=OVERLAY_CAPTION)]
+        maps = [
+            Map(ref, overlay.values, MapMeaning.SEGMENTATION, caption=OVERLAY_CAPTION, categories=OVERLAY_CATEGORIES)
+        ]
+        explanations: list[SideExplanation] = []
         if analysis.gradcam is not None:
-            maps.insert(0, Map(ref, analysis.gradcam, MapMeaning.GRAD_CAM, caption=GRADCAM_CAPTION))
+            maps.insert(0, Map(ref, evidence_map(analysis.gradcam, finding.probability), MapMeaning.GRAD_CAM, caption=GRADCAM_CAPTION))
+            explanations = self.explanations(analysis, finding)
         return ChainResult(
-            findings=[finding], provenance=self.provenance(**self.parameters(analysis)), sources=[source], maps=maps
+            findings=[finding],
+            provenance=self.provenance(**self.parameters(analysis)),
+            sources=[source],
+            maps=maps,
+            explanations=explanations,
         )
+
+    @staticmethod
+    def explanations(analysis: Analysis, finding: Finding) -> list[SideExplanation]:
+        """The share of the (unscaled) Grad-CAM inside each side's joint box: where the model looked."""
+        from pipeline.encode.codes import concept
+
+        cam = analysis.gradcam
+        total = float(cam.sum()) if cam is not None else 0.0
+        if cam is None or total <= 0:
+            return []
+        return [
+            SideExplanation(
+                finding.concept,
+                Laterality(side),
+                float(np.clip(cam[analysis.crop.regions[side].box.slices].sum() / total, 0.0, 1.0)),
+                concept("share of Grad-CAM in joint box"),
+            )
+            for side in ("left", "right")
+        ]
 
     # -- helpers ----------------------------------------------------------------------------------
     def _radiograph(self, inputs: StudyInputs) -> Dataset:
