@@ -427,6 +427,29 @@ def cmd_packs_import_anatomy_aware(args: argparse.Namespace, config: Config | No
     return 0
 
 
+def cmd_packs_import_t1stir_3d(args: argparse.Namespace, config: Config | None) -> int:
+    from pipeline.chains.t1stir_3d.importer import WeightsImportError, import_spa_models
+
+    classifiers = {"active_inflammation": args.active, "asas_active_sacroiliitis": args.asas, "structural_lesions": args.structural}
+    thresholds = {task: value for task, value in zip(classifiers, (args.threshold_active, args.threshold_asas, args.threshold_structural)) if value is not None}
+    try:
+        pack = import_spa_models(
+            {task: Path(path) for task, path in classifiers.items()},
+            {"T1": Path(args.denoiser_t1), "STIR": Path(args.denoiser_stir)},
+            Path(args.out),
+            thresholds=thresholds,
+            trust_pickle=args.trust_pickle,
+        )
+    except WeightsImportError as error:
+        errors.print(f"[red]{error}[/red]", highlight=False)
+        return 1
+    if args.json:
+        _print_json({"pack": str(pack.folder), "name": pack.manifest.name, "version": pack.manifest.version, "sha256": pack.manifest.weights.sha256})
+    else:
+        console.print(f"wrote pack {pack.manifest.name} {pack.manifest.version} to {pack.folder}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace, config: Config | None) -> int:
     from pipeline.training import train_chain
 
@@ -535,6 +558,24 @@ def build_parser() -> argparse.ArgumentParser:
     anatomy.add_argument("--out", required=True, help="pack folder to write")
     anatomy.add_argument("--trust-pickle", action="store_true", help="allow full unpickling (only for files from a trusted source)")
     anatomy.set_defaults(handler=cmd_packs_import_anatomy_aware, needs_config=False)
+    spa = packs_sub.add_parser(
+        "import-t1stir-3d",
+        help="import models trained with kbressem/spa (Bressem et al. 2022) as a t1stir-3d pack",
+        parents=[common],
+    )
+    for flag, what in (
+        ("--active", "active inflammatory lesions classifier"),
+        ("--asas", "ASAS active sacroiliitis classifier"),
+        ("--structural", "structural lesions classifier"),
+        ("--denoiser-t1", "T1 denoising U-Net"),
+        ("--denoiser-stir", "STIR (TIRM) denoising U-Net"),
+    ):
+        spa.add_argument(flag, required=True, help=f"fastai model file of the {what} ({{'model': state_dict, 'opt': ...}})")
+    for flag in ("--threshold-active", "--threshold-asas", "--threshold-structural"):
+        spa.add_argument(flag, type=float, default=None, help="operating threshold of that output (default 0.5; the paper's validation cut-offs are not published)")
+    spa.add_argument("--out", required=True, help="pack folder to write")
+    spa.add_argument("--trust-pickle", action="store_true", help="allow full unpickling (only for files from a trusted source)")
+    spa.set_defaults(handler=cmd_packs_import_t1stir_3d, needs_config=False)
     train = add("train", cmd_train, "train a chain's model pack on phantom studies")
     train.add_argument("chain")
     train.add_argument("--data", required=True, help="folder written by sijnode phantom")

@@ -39,6 +39,7 @@ T = TypeVar("T")
 TRAINERS = {
     "t2fs-mil": "pipeline.chains.t2fs_mil.train",
     "xr-anatomy": "pipeline.chains.xr_anatomy.train",
+    "t1stir-3d": "pipeline.chains.t1stir_3d.train",
 }
 
 

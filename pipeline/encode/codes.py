@@ -86,6 +86,7 @@ CODES: MappingProxyType[str, Concept] = MappingProxyType(
         ),
         "inflammatory changes": _private("ASAS-MRI", "Active inflammatory lesions (ASAS MRI)"),
         "structural changes": _private("STRUCTURAL", "Structural lesions of sacroiliac joints"),
+        "active inflammatory changes": _private("ACTIVE-INFL", "Active inflammatory lesions of sacroiliac joints"),
         # Per-image scores and report notes.
         "attention weight": _private("ATTN-WEIGHT", "Attention weight"),
         "share of Grad-CAM in joint box": _private("CAM-SHARE", "Share of Grad-CAM in joint box (explanation)"),

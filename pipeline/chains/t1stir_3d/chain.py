@@ -37,7 +37,8 @@ from pipeline.chains.t1stir_3d.preprocess import (
     SeriesGeometryError,
     prepare_pair,
 )
-from pipeline.results import ChainResult, Finding, ImageRef, Map, MapMeaning, Site
+from pipeline.cam import evidence_map
+from pipeline.results import ChainResult, Finding, ImageRef, Map, MapMeaning, NotAnalysedReason, Site
 
 #: input keys (config.yaml ``requires[].name``) per sequence
 INPUT_KEYS: dict[str, str] = {"T1": "t1", "STIR": "stir"}
@@ -46,10 +47,6 @@ PATIENT_LEVEL_NOTE = (
     "One probability for the examination (semicoronal T1 and STIR together, both sacroiliac joints): "
     "the model does not say which side or where; the Grad-CAM images show where it looked."
 )
-
-
-class NotAnalysed(Exception):
-    """The study's inputs cannot be analysed by this chain; the message says why."""
 
 
 class T1STIR3DChain(ModelChain):
@@ -66,16 +63,16 @@ class T1STIR3DChain(ModelChain):
     def run(self, inputs: StudyInputs) -> ChainResult:
         from pipeline.encode.codes import concept
 
-        missing = [s for s, key in INPUT_KEYS.items() if key not in inputs.series]
-        if missing:
-            raise NotAnalysed(f"no semicoronal {' and '.join(missing)} series in the study: the models need both T1 and STIR")
         with self.timed("read"):
-            datasets = {s: inputs.series[key].datasets() for s, key in INPUT_KEYS.items()}
+            datasets = {s: inputs.series[key].datasets() for s, key in INPUT_KEYS.items() if key in inputs.series}
+        missing = [s for s in SEQUENCES if s not in datasets]
+        if missing:
+            return self._not_analysed(datasets, f"no semicoronal {' and '.join(missing)} series in the study: the models need both T1 and STIR")
         with self.timed("preprocess"):
             try:
                 pair = prepare_pair(datasets["T1"], datasets["STIR"], self.preprocessing)
             except (NoOverlapError, SeriesGeometryError) as error:
-                raise NotAnalysed(str(error)) from error
+                return self._not_analysed(datasets, str(error))
         with self.timed("denoise"):
             volumes = classifier_input(pair, self.networks.denoisers, self.preprocessing)
         with self.timed("classify"):
@@ -93,17 +90,17 @@ class T1STIR3DChain(ModelChain):
                             maps.append(
                                 Map(
                                     source=source,
-                                    values=values,
+                                    values=evidence_map(values, probabilities[task]),
                                     meaning=MapMeaning.GRAD_CAM,
-                                    caption=f"Grad-CAM {TASKS[task].split(' (')[0]}, {sequence} pass, slice {index + 1} of {len(ordered)} (rank {rank} by map weight)",
+                                    caption=f"Grad-CAM x p, {TASKS[task].split(' (')[0]}, {sequence} pass, slice {index + 1} of {len(ordered)} (rank {rank} by map weight)",
                                 )
                             )
         findings = [
-            Finding(
-                concept=concept(CONCEPTS[task]),
-                site=Site.SACROILIAC_JOINT,
-                probability=float(np.clip(probabilities[task], 0.0, 1.0)),
-                threshold=self.outputs[task].threshold,
+            Finding.patient_level(
+                concept(CONCEPTS[task]),
+                Site.SACROILIAC_JOINT,
+                float(np.clip(probabilities[task], 0.0, 1.0)),
+                self.outputs[task].threshold,
                 evidence=tuple(evidence[task]) or tuple(ImageRef.of(ds) for s in SEQUENCES for ds in pair.series[s].datasets[:1]),
                 note=PATIENT_LEVEL_NOTE,
             )
@@ -116,3 +113,8 @@ class T1STIR3DChain(ModelChain):
         }
         sources = [ds for s in SEQUENCES for ds in pair.series[s].datasets]
         return ChainResult(findings=findings, provenance=self.provenance(**parameters), sources=sources, maps=maps)
+
+    def _not_analysed(self, datasets: Mapping[str, list], detail: str) -> ChainResult:
+        """The "not analysed" result, with the reason, over whatever series the study had."""
+        sources = [ds for series in datasets.values() for ds in series]
+        return ChainResult.not_analysed_result(self.provenance(), sources, NotAnalysedReason.INPUT_UNUSABLE, detail)

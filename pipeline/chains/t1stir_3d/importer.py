@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from pipeline.chains.t1stir_3d.inference import TASKS, classifier_prefix, denoiser_prefix
+from pipeline.chains.t1stir_3d.inference import MODELS, TASKS, classifier_prefix, denoiser_prefix
 from pipeline.chains.t1stir_3d.model import (
     PUBLISHED_CLASSIFIER,
     PUBLISHED_DENOISER,
@@ -74,19 +74,25 @@ def fastai_state_dict(saved: Any, expected: Mapping[str, torch.Tensor], what: st
     return dict(state)
 
 
-def published_manifest(sources: Mapping[str, tuple[Path, str]], thresholds: Mapping[str, float]) -> dict[str, Any]:
+def published_manifest(
+    sources: Mapping[str, tuple[Path, str]],
+    thresholds: Mapping[str, float],
+    *,
+    architecture: Mapping[str, Any] | None = None,
+    preprocessing: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The manifest of an imported pack (published architecture and preprocessing unless given)."""
     files = "; ".join(f"{role}: {path.name} (sha256 {digest})" for role, (path, digest) in sources.items())
     return {
         "name": "t1stir-3d-bressem2022",
-        "version": "imported-" + "-".join(digest[:6] for _, digest in sources.values()),
+        "version": "imported-" + ("-".join(digest[:6] for _, digest in sources.values()) or "none"),
         "chain": "t1stir-3d",
         "demo": False,
         "architecture": {
             "name": "faimed3d DynamicUnet3D (resnet18_3d) denoiser per sequence + dual-encoder ResNet-101 3D per task (Bressem et al. 2022)",
-            "hyperparameters": {"classifier": PUBLISHED_CLASSIFIER, "denoiser": PUBLISHED_DENOISER},
-            "models": "one classifier per output (classifier_<output>.*), one denoiser per sequence (denoiser_t1.*, denoiser_stir.*)",
+            "hyperparameters": {**(architecture or {"classifier": PUBLISHED_CLASSIFIER, "denoiser": PUBLISHED_DENOISER}), "models": MODELS},
         },
-        "preprocessing": dict(PUBLISHED_PREPROCESSING),
+        "preprocessing": dict(preprocessing or PUBLISHED_PREPROCESSING),
         "outputs": [
             {"name": task, "concept": _concept(task), "threshold": float(thresholds.get(task, DEFAULT_THRESHOLD)), "description": f"softmax probability of class 1 of its own model: {text}"}
             for task, text in TASKS.items()
@@ -116,11 +122,16 @@ def import_spa_models(
     *,
     thresholds: Mapping[str, float] | None = None,
     trust_pickle: bool = False,
+    architecture: Mapping[str, Any] | None = None,
+    preprocessing: Mapping[str, Any] | None = None,
 ) -> ModelPack:
     """Turn spa's model files (``classifiers`` by task, ``denoisers`` by sequence T1/STIR) into a pack at ``out``.
 
     Backs ``sijnode packs import-t1stir-3d``. Everything is checked before anything is written.
+    ``architecture`` (``{"classifier": ..., "denoiser": ...}`` hyperparameters) and ``preprocessing``
+    default to the published ones; a site that trained narrower variants with spa passes its own.
     """
+    architecture = dict(architecture or {"classifier": PUBLISHED_CLASSIFIER, "denoiser": PUBLISHED_DENOISER})
     if set(classifiers) != set(TASKS):
         raise WeightsImportError(f"one classifier file per task is needed: {sorted(TASKS)}; got {sorted(classifiers)}")
     if set(denoisers) != set(SEQUENCES):
@@ -129,8 +140,8 @@ def import_spa_models(
     if unknown:
         raise WeightsImportError(f"thresholds for unknown outputs {unknown}")
     with torch.device("meta"):  # only the names, shapes and dtypes are needed: no memory, no init
-        expected_classifier = build_classifier(PUBLISHED_CLASSIFIER).state_dict()
-        expected_denoiser = build_denoiser(PUBLISHED_DENOISER).state_dict()
+        expected_classifier = build_classifier(architecture["classifier"]).state_dict()
+        expected_denoiser = build_denoiser(architecture["denoiser"]).state_dict()
     state: dict[str, torch.Tensor] = {}
     sources: dict[str, tuple[Path, str]] = {}
     for sequence in SEQUENCES:
@@ -143,4 +154,5 @@ def import_spa_models(
         own = fastai_state_dict(_load(path, trust_pickle), expected_classifier, f"{task} classifier {path}")
         state.update({classifier_prefix(task) + k: v for k, v in own.items()})
         sources[f"classifier {task}"] = (path, sha256_of(path))
-    return write_pack(out, published_manifest(sources, thresholds or {}), state)
+    manifest = published_manifest(sources, thresholds or {}, architecture=architecture, preprocessing=preprocessing)
+    return write_pack(out, manifest, state)

@@ -27,6 +27,7 @@ from pipeline.chains.t1stir_3d.model import (
     build_denoiser,
 )
 from pipeline.chains.t1stir_3d.preprocess import (
+    PUBLISHED_PREPROCESSING,
     REQUIRED_KEYS,
     PreparedPair,
     SemicoronalGrid,
@@ -47,7 +48,13 @@ CONCEPTS: dict[str, str] = {
     "asas_active_sacroiliitis": "inflammatory changes",
     "structural_lesions": "structural changes",
 }
-RECIPE = "bressem2022-t1stir-v1"
+#: how the outputs map to models, as the manifest states it
+MODELS = (
+    "one dual-encoder classifier per output, as in the paper (spa trains one model per label): weights "
+    "classifier_active_inflammation.*, classifier_asas_active_sacroiliitis.*, classifier_structural_lesions.*; "
+    "one denoising U-Net per sequence shared by all three: denoiser_t1.*, denoiser_stir.*"
+)
+RECIPE = PUBLISHED_PREPROCESSING["recipe"]
 
 
 def denoiser_prefix(sequence: str) -> str:
