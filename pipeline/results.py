@@ -194,7 +194,9 @@ class NotAnalysedReason(str, Enum):
     CHAIN_FAILED = "chain failed"
     WRONG_PLANE = "wrong plane"
     SERIES_INCOMPLETE = "series incomplete"
-    INPUT_UNUSABLE = "input unusable"  # the chain looked at it and could not use it
+    INPUT_UNUSABLE = "input unusable"  # the chain (or classification) could not use it
+    OTHER_SERIES_USED = "another series was used"  # a chain took a better-fitting series of the same kind
+    OTHER_INPUTS_MISSING = "the chain's other inputs are missing"
     PENDING = "not yet analysed"  # its chain has not finished
 
 
