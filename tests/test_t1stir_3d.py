@@ -310,3 +310,22 @@ def test_chain_reports_three_patient_level_findings_with_heatmaps_per_sequence(s
     without_stir = chain.run(StudyInputs("1.2.3", {"t1": folders["T1"]}))
     assert without_stir.not_analysed is not None and "STIR" in without_stir.not_analysed.detail
     assert not without_stir.findings
+
+
+def test_routing_gives_the_chain_a_study_without_stir_so_it_can_say_why() -> None:
+    from pipeline.classify import Plane, Role
+    from pipeline.route import ChainSpec, SeriesCandidate, plan_routing
+
+    spec = ChainSpec(
+        name="t1stir-3d",
+        implementation="pipeline.chains.t1stir_3d.chain:T1STIR3DChain",
+        requires=[{"role": "T1", "planes": ["coronal"], "name": "t1"}, {"role": "STIR", "planes": ["coronal"], "name": "stir", "optional": True}],
+    )
+    t1 = SeriesCandidate("1.1", Role.T1, Plane.CORONAL, True, 18, 2)
+    stir = SeriesCandidate("1.2", Role.STIR, Plane.CORONAL, True, 18, 3)
+    axial_stir = SeriesCandidate("1.3", Role.STIR, Plane.AXIAL, True, 30, 4)
+    assert plan_routing([t1, stir], [spec]).jobs[0].inputs == {"t1": "1.1", "stir": "1.2"}
+    plan = plan_routing([t1, axial_stir], [spec])
+    assert plan.jobs[0].inputs == {"t1": "1.1"} and "without optional stir" in plan.lines[0]
+    plan = plan_routing([stir], [spec])
+    assert not plan.jobs and "needs t1" in plan.lines[0]

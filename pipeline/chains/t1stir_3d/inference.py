@@ -8,7 +8,6 @@ A pack holds five networks in one state dict, keys prefixed by their role:
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -115,7 +114,9 @@ def load_networks(pack: ModelPack, state_dict: Mapping[str, torch.Tensor] | None
     """Build the pack's five networks and load its (verified) weights strictly."""
     check_manifest(pack)
     try:
-        networks = build_networks(pack.manifest.architecture.hyperparameters)
+        # on the meta device, then the weights assigned: no random init, no second copy of ~1.8 GB
+        with torch.device("meta"):
+            networks = build_networks(pack.manifest.architecture.hyperparameters)
     except (TypeError, ValueError) as error:
         raise PackError(f"pack {pack.manifest.name}: {error}") from None
     weights = pack.load_state_dict() if state_dict is None else state_dict
@@ -128,7 +129,7 @@ def load_networks(pack: ModelPack, state_dict: Mapping[str, torch.Tensor] | None
     for prefix, network in parts:
         own = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
         try:
-            network.load_state_dict(own, strict=True)
+            network.load_state_dict(own, strict=True, assign=True)
         except RuntimeError as error:
             raise PackError(f"pack {pack.manifest.name}: weights {prefix}* do not fit the architecture: {error}") from None
         network.eval()
@@ -177,12 +178,17 @@ class SequencePass(torch.nn.Module):
 
 
 class GradCAMExplainer:
-    """MONAI GradCAM per sequence on the last ResNet stage of one task classifier (a private copy; see t2fs_mil)."""
+    """MONAI GradCAM per sequence on the last ResNet stage of one task classifier.
+
+    Unlike t2fs_mil it wraps the classifier itself, not a copy: a copy of three published
+    ResNet-101s would cost another ~1 GB. MONAI's hooks only record the target layer's
+    activations and gradients; they change no output.
+    """
 
     def __init__(self, model: DualEncoderClassifier) -> None:
         from monai.visualize import GradCAM
 
-        self.wrapper = SequencePass(copy.deepcopy(model).eval())
+        self.wrapper = SequencePass(model.eval())
         self.cam = GradCAM(self.wrapper, target_layers="model.body.0.4", postprocessing=normalize_cam)
 
     def maps(self, volumes: torch.Tensor) -> dict[str, np.ndarray]:
