@@ -74,7 +74,7 @@ class T1STIR3DChain(ModelChain):
             except (NoOverlapError, SeriesGeometryError) as error:
                 return self._not_analysed(datasets, str(error))
         with self.timed("denoise"):
-            volumes = classifier_input(pair, self.networks.denoisers, self.preprocessing)
+            volumes = classifier_input({s: pair.series[s].grid_volume for s in SEQUENCES}, self.networks.denoisers, self.preprocessing)
         with self.timed("classify"):
             probabilities = {task: probability(model, volumes) for task, model in self.networks.classifiers.items()}
         maps: list[Map] = []

@@ -52,23 +52,29 @@ class Case:
             raise FileNotFoundError(f"{self.series_folders[sequence]}: no DICOM files")
         return [dcmread(path) for path in files]
 
-    def prepared(self, settings: Mapping[str, Any], cache: Path | None = None) -> PreparedPair:
-        """Both series on the grid (from ``cache`` when it holds this study at these settings)."""
-        if cache is None:
-            return prepare_pair(self.datasets("T1"), self.datasets("STIR"), settings)
-        key = hashlib.sha256(json.dumps({k: settings[k] for k in REQUIRED_KEYS}, sort_keys=True).encode()).hexdigest()[:12]
-        path = Path(cache) / f"{self.study}-{self.seed}-{key}.npz"
-        if path.is_file():
-            with np.load(path) as stored:
-                volumes = {s: stored[s] for s in SEQUENCES}
-            pair = prepare_pair(self.datasets("T1"), self.datasets("STIR"), settings, correct=False)
-            for sequence in SEQUENCES:
-                pair.series[sequence].grid_volume = volumes[sequence]
-            return pair
-        pair = prepare_pair(self.datasets("T1"), self.datasets("STIR"), settings)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, **{s: pair.series[s].grid_volume for s in SEQUENCES})
-        return pair
+    def prepared(self, settings: Mapping[str, Any]) -> PreparedPair:
+        """Both series on the grid, clipped and bias-corrected, as the chain prepares them."""
+        return prepare_pair(self.datasets("T1"), self.datasets("STIR"), settings)
+
+    def grid_volumes(self, settings: Mapping[str, Any], cache: Path | None = None) -> dict[str, np.ndarray]:
+        """The prepared grid volumes by sequence (T1, STIR), from ``cache`` when it holds this study at these settings.
+
+        Training and evaluation need only these volumes; the cache spares them the DICOM reading,
+        resampling and N4 on every run.
+        """
+        path = None
+        if cache is not None:
+            key = hashlib.sha256(json.dumps({k: settings[k] for k in REQUIRED_KEYS}, sort_keys=True).encode()).hexdigest()[:12]
+            path = Path(cache) / f"{self.study}-{self.seed}-{key}.npz"
+            if path.is_file():
+                with np.load(path) as stored:
+                    return {s: stored[s] for s in SEQUENCES}
+        pair = self.prepared(settings)
+        volumes = {s: pair.series[s].grid_volume for s in SEQUENCES}
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(path, **volumes)
+        return volumes
 
 
 def read_case(folder: Path) -> Case:

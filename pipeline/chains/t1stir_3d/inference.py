@@ -28,7 +28,6 @@ from pipeline.chains.t1stir_3d.model import (
 from pipeline.chains.t1stir_3d.preprocess import (
     PUBLISHED_PREPROCESSING,
     REQUIRED_KEYS,
-    PreparedPair,
     SemicoronalGrid,
     ZScore,
     classifier_transform,
@@ -144,10 +143,10 @@ def denoise(denoiser: DenoisingUNet3D, grid_volume: np.ndarray) -> np.ndarray:
     return denoiser(volume)[0, 0].float().cpu().numpy()
 
 
-def classifier_input(pair: PreparedPair, denoisers: Mapping[str, DenoisingUNet3D], settings: Mapping[str, Any]) -> torch.Tensor:
-    """Denoise each sequence with its own U-Net, resize and normalise: ``(1, 2, D, H, W)`` in :data:`SEQUENCES` order."""
+def classifier_input(grid_volumes: Mapping[str, np.ndarray], denoisers: Mapping[str, DenoisingUNet3D], settings: Mapping[str, Any]) -> torch.Tensor:
+    """Denoise each sequence's grid volume with its own U-Net, resize and normalise: ``(1, 2, D, H, W)`` in :data:`SEQUENCES` order."""
     to_classifier = classifier_transform(settings)
-    volumes = [to_classifier(denoise(denoisers[s], pair.series[s].grid_volume)) for s in SEQUENCES]
+    volumes = [to_classifier(denoise(denoisers[s], grid_volumes[s])) for s in SEQUENCES]
     return torch.cat(volumes)[None]
 
 

@@ -77,7 +77,7 @@ DEMO_PREPROCESSING: dict[str, Any] = {
     "n4": {**PUBLISHED_PREPROCESSING["n4"], "iterations": 10, "shrink": 4},
     "classifier_size": [16, 96, 96],
 }
-DEFAULT_EPOCHS = 12
+DEFAULT_EPOCHS = 10
 INTENDED_USE = (
     "Demonstration only: shows the t1stir-3d chain end to end on synthetic phantom studies. "
     "Trained on phantoms, never on patients; not a medical device; not for diagnosis or any clinical decision."
@@ -88,7 +88,7 @@ INTENDED_USE = (
 class Recipe:
     validation_fraction: float = 0.2
     denoiser_epochs: int = 3
-    denoiser_steps: int = 12
+    denoiser_steps: int = 8
     denoiser_rate: float = 1e-3
     noise_sigma: tuple[float, float] = (0.1, 0.3)
     batch: int = 8
@@ -97,13 +97,13 @@ class Recipe:
     patience: int = 5
 
 
-def _prepare(cases: Sequence[Case], settings: Mapping[str, Any], cache: Path | None, bar: Any, what: str) -> list[Any]:
+def _prepare(cases: Sequence[Case], settings: Mapping[str, Any], cache: Path | None, bar: Any, what: str) -> list[dict[str, np.ndarray]]:
     task = bar.add_task(f"preprocess {what}", total=len(cases), status="")
-    pairs = []
+    volumes = []
     for case in cases:
-        pairs.append(case.prepared(settings, cache))
+        volumes.append(case.grid_volumes(settings, cache))
         bar.advance(task)
-    return pairs
+    return volumes
 
 
 def _train_denoiser(network: nn.Module, volumes: Sequence[torch.Tensor], validation: Sequence[torch.Tensor], recipe: Recipe, rng: np.random.Generator, bar: Any, sequence: str) -> Any:
@@ -195,15 +195,15 @@ def train(
     thresholds: dict[str, float] = {}
     validation_metrics: dict[str, Any] = {}
     with progress_display(progress) as bar:
-        pairs = _prepare(train_cases, settings, cache, bar, "training studies")
-        validation_pairs = _prepare(validation_cases, settings, cache, bar, "validation studies")
+        grids = _prepare(train_cases, settings, cache, bar, "training studies")
+        validation_grids = _prepare(validation_cases, settings, cache, bar, "validation studies")
         for sequence in SEQUENCES:
-            volumes = [ZScore()(p.series[sequence].grid_volume)[None, None] for p in pairs]
-            held = [ZScore()(p.series[sequence].grid_volume)[None, None] for p in validation_pairs]
+            volumes = [ZScore()(p[sequence])[None, None] for p in grids]
+            held = [ZScore()(p[sequence])[None, None] for p in validation_grids]
             phases.append(_train_denoiser(networks.denoisers[sequence], volumes, held, recipe, rng, bar, sequence))
             networks.denoisers[sequence].eval()
-        inputs = torch.cat([classifier_input(p, networks.denoisers, settings) for p in pairs]).half()
-        validation_inputs = torch.cat([classifier_input(p, networks.denoisers, settings) for p in validation_pairs]).half()
+        inputs = torch.cat([classifier_input(p, networks.denoisers, settings) for p in grids]).half()
+        validation_inputs = torch.cat([classifier_input(p, networks.denoisers, settings) for p in validation_grids]).half()
         for task in TASKS:
             labels = np.asarray([c.labels[task] for c in train_cases])
             validation_labels = np.asarray([c.labels[task] for c in validation_cases])
@@ -271,15 +271,14 @@ def evaluate(pack: ModelPack, data: Path, out: Path, *, cache: Path | None = Non
     cases = find_cases(data)
     results = []
     for case in cases:
-        pair = case.prepared(settings, cache)
-        volumes = classifier_input(pair, networks.denoisers, settings)
+        volumes = classifier_input(case.grid_volumes(settings, cache), networks.denoisers, settings)
         results.append(
             CaseResult(
                 study=case.study,
                 probabilities={task: probability(model, volumes) for task, model in networks.classifiers.items()},
                 labels=dict(case.labels),
                 subgroups=case.subgroups,
-                details={"seed": case.seed, "overlap": round(pair.overlap, 4)},
+                details={"seed": case.seed},
             )
         )
     manifest = pack.manifest
