@@ -48,7 +48,7 @@ def save(rgb: np.ndarray, image_rows: int, name: str) -> Path:
     if scale < 1:
         image = image.resize((round(rgb.shape[1] * scale), round(rgb.shape[0] * scale)), Image.LANCZOS)
     path = DOCS / "heatmaps" / f"{name}-{round(image_rows * scale)}.png"
-    image.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)  # small files
+    image.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)  # small files (the DICOM heatmaps are 24-bit)
     return path
 
 

@@ -7,14 +7,15 @@ config.yaml works from any working directory.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.classify import DEFAULT_TILT_TOLERANCE_DEG, ClassificationRule, check_rule_names
-from pipeline.route import ChainSpec
+from pipeline.route import DEFAULT_SERIES_BASE, SERIES_BLOCK, ChainSpec
 
 
 class _Strict(BaseModel):
@@ -58,17 +59,77 @@ class ReceiverConfig(_Strict):
     ae_title: AETitle = "SIJNODE"
     bind: str = "0.0.0.0"
     port: Port = 11112
-    # Accept every storage SOP class, not just the image classes the chains use.
-    accept_any_storage: bool = False
+    # Accept every storage SOP class (SR, KOS, PR, SEG, PDF, RT, ...), so that a PACS pushing a
+    # whole study never fails because of the node; false: only MR/CT/CR/DX/SC image classes.
+    accept_any_storage: bool = True
     # Calling AE titles allowed besides the peers'; "allow_any_calling_ae" lifts the check.
     extra_calling_ae_titles: list[AETitle] = []
     allow_any_calling_ae: bool = False
-    # Optional source-address allowlist (IP addresses or CIDR networks); empty = any.
+    # Called AE titles the node answers to; empty = only ae_title. Others get A-ASSOCIATE-RJ
+    # "called AE title not recognized".
+    called_ae_titles: list[AETitle] = []
+    # Optional source-address allowlist (IP addresses or CIDR networks); empty = any. An entry
+    # that is neither is an error (a typo must not open the node to every address).
     allowed_source_addresses: list[str] = []
     max_pdu_bytes: Annotated[int, Field(ge=0)] = 262144
+    # Established associations at once; reserved_peer_associations of them only for peers.
     max_associations: Annotated[int, Field(ge=1)] = 16
     network_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    limits: "ReceiverLimits" = Field(default_factory=lambda: ReceiverLimits())
     tls: TLSServerConfig = TLSServerConfig()
+
+    @field_validator("allowed_source_addresses")
+    @classmethod
+    def _valid_networks(cls, entries: list[str]) -> list[str]:
+        invalid = [entry for entry in entries if not _is_network(entry)]
+        if invalid:
+            raise ValueError(f"not an IP address or network: {', '.join(repr(e) for e in invalid)}")
+        return entries
+
+    @model_validator(mode="after")
+    def _reservation_fits(self) -> "ReceiverConfig":
+        if self.limits.reserved_peer_associations >= self.max_associations:
+            raise ValueError("limits.reserved_peer_associations must be smaller than max_associations")
+        return self
+
+    @property
+    def answered_called_ae_titles(self) -> list[str]:
+        """The called AE titles an association request may name."""
+        return sorted(set(self.called_ae_titles) | {self.ae_title}) if self.called_ae_titles else [self.ae_title]
+
+
+def _is_network(entry: str) -> bool:
+    try:
+        ipaddress.ip_network(entry, strict=False)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+class ReceiverLimits(_Strict):
+    """What one peer (slow, silent or hostile) may hold of the receiver; see node/admission.py."""
+
+    # A connection must have sent its whole A-ASSOCIATE-RQ this long after it was accepted.
+    association_request_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    # The TLS handshake, done off the accept path, must finish within this.
+    tls_handshake_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    # Once a PDU has started, all of it must arrive within this (a dribbling peer is cut off).
+    pdu_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    # Connections still before their association request: in total and from one address.
+    # When full, the oldest waiting one is closed to make room (a real peer sends its
+    # request within milliseconds, so it is never the oldest for long).
+    max_pending_connections: Annotated[int, Field(ge=1)] = 256
+    max_pending_per_source: Annotated[int, Field(ge=1)] = 32
+    # Established associations from one address (configured peers excepted).
+    max_associations_per_source: Annotated[int, Field(ge=1)] = 8
+    # Slots of max_associations only callers with a peer's AE title may take.
+    reserved_peer_associations: Annotated[int, Field(ge=0)] = 2
+    # A dataset larger than this (as received, or inflated from deflate) and any single
+    # element larger than max_element_bytes get 0xA700 before they take more memory.
+    max_dataset_bytes: Annotated[int, Field(ge=1024)] = 1 << 30
+    max_element_bytes: Annotated[int, Field(ge=1024)] = 512 << 20
+    # An A-ASSOCIATE-RQ larger than this is not a real one (128 contexts fit in ~100 KiB).
+    max_association_request_bytes: Annotated[int, Field(ge=1024)] = 256 << 10
 
 
 class StorageConfig(_Strict):
@@ -155,6 +216,24 @@ class Config(_Strict):
                 raise ValueError(f"{what}: duplicate name(s) {', '.join(duplicates)}")
         return self
 
+    @model_validator(mode="after")
+    def _series_blocks(self) -> "Config":
+        """Give each chain without ``series.base`` one (9100, 9200, ... by position) and refuse
+        chains whose blocks of series numbers overlap: PACS would show two series #N."""
+        self.chains = [
+            chain if chain.series.base is not None
+            else chain.model_copy(update={"series": chain.series.model_copy(update={"base": DEFAULT_SERIES_BASE + SERIES_BLOCK * index})})
+            for index, chain in enumerate(self.chains)
+        ]
+        ordered = sorted(self.chains, key=lambda chain: chain.series.base)
+        for lower, upper in zip(ordered, ordered[1:]):
+            if upper.series.base < lower.series.base + SERIES_BLOCK:
+                raise ValueError(
+                    f"chains {lower.name} and {upper.name}: series.base {lower.series.base} and {upper.series.base} are less than "
+                    f"{SERIES_BLOCK} apart; each chain needs its own block of {SERIES_BLOCK} series numbers"
+                )
+        return self
+
     @property
     def database_url(self) -> str:
         return self.storage.database_url or f"sqlite:///{self.storage.data_dir / 'sijnode.db'}"
@@ -235,3 +314,7 @@ def load_config(path: Path | str) -> Config:
         return parse_config(data, path.resolve().parent)
     except ConfigError as error:
         raise ConfigError(f"{path}:\n{error}") from None
+
+
+ReceiverConfig.model_rebuild()
+Config.model_rebuild()

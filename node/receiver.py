@@ -7,18 +7,16 @@ C-STORE failure status and the association carries on.
 
 from __future__ import annotations
 
-import io
-import ipaddress
+import hashlib
 import logging
 import ssl
+import threading
+from collections import Counter
 from dataclasses import dataclass
 
-from pydicom import Dataset, dcmread
-from pydicom.datadict import dictionary_VR
-from pydicom.uid import UID
-from pydicom.valuerep import VR
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, build_context, evt
-from pynetdicom.acse import ACSE
+from pydicom import Dataset
+from pydicom.uid import UID, AllTransferSyntaxes
+from pynetdicom import AE, AllStoragePresentationContexts, build_context, evt
 from pynetdicom.sop_class import (
     ComputedRadiographyImageStorage,
     CTImageStorage,
@@ -33,11 +31,13 @@ from pynetdicom.sop_class import (
     SecondaryCaptureImageStorage,
     Verification,
 )
-from pynetdicom.transport import ThreadedAssociationServer
 
+from node.admission import AdmissionPolicy, GatedAssociationServer, GuardedACSE, OversizedDataset
 from node.config import Config
 from node.logs import log_event
-from pipeline.classify import header_summary
+from node.validation import InstanceRejected, Status, check_structure, check_usable, read_instance
+from pipeline.classify import INPUT_SOP_CLASSES, header_summary, sijnode_result_evidence
+from storage.models import InstanceKind
 from storage.spool import Spool, SpoolFullError
 from storage.store import IncomingInstance, Store
 
@@ -72,110 +72,37 @@ ACCEPTED_TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2.4.91",  # JPEG 2000
     "1.2.840.10008.1.2.5",  # RLE Lossless
 ]
-
-
-class Status:
-    """C-STORE statuses the receiver answers with (PS3.4 B.2.3, PS3.7 C)."""
-
-    SUCCESS = 0x0000
-    OUT_OF_RESOURCES = 0xA700
-    DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
-    CANNOT_UNDERSTAND = 0xC210
-
-
-class InstanceRejected(Exception):
-    """One instance cannot be accepted; ``status`` is the C-STORE status to answer."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
+# Objects that are never inputs are stored as received and never decoded: every transfer syntax
+# pydicom knows, except those whose pixel data lives elsewhere (JPIP) or is a raw video/audio
+# stream (SMPTE ST 2110), which pydicom cannot read as a dataset's pixel data.
+NON_INPUT_TRANSFER_SYNTAXES = [
+    str(uid) for uid in AllTransferSyntaxes if not uid.startswith(("1.2.840.10008.1.2.4.204", "1.2.840.10008.1.2.4.205", "1.2.840.10008.1.2.7."))
+]
 
 
 def presentation_contexts(accept_any_storage: bool) -> list:
-    """The SCP's supported contexts: the image classes (or every storage class) plus Verification."""
-    classes = [cx.abstract_syntax for cx in AllStoragePresentationContexts] if accept_any_storage else IMAGE_STORAGE_CLASSES
-    syntaxes = ALL_TRANSFER_SYNTAXES if accept_any_storage else ACCEPTED_TRANSFER_SYNTAXES
-    contexts = [build_context(uid, syntaxes) for uid in classes]
+    """The SCP's supported contexts plus Verification.
+
+    With ``accept_any_storage`` (the default) every storage SOP class pynetdicom knows, so that a
+    PACS pushing a whole study (SR, KOS, presentation states, SEG, PDF, RT, ...) never fails
+    because of the node: input-capable image classes in the syntaxes the chains decode, the rest
+    in every syntax it can store as received. Without it, only the image classes.
+    """
+    classes = [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts] if accept_any_storage else list(IMAGE_STORAGE_CLASSES)
+    contexts = [
+        build_context(uid, ACCEPTED_TRANSFER_SYNTAXES if uid in IMAGE_STORAGE_CLASSES or uid in INPUT_SOP_CLASSES else NON_INPUT_TRANSFER_SYNTAXES)
+        for uid in classes
+    ]
     contexts.append(build_context(Verification))
     return contexts
 
 
-def address_allowed(address: str, allowed: list[str]) -> bool:
-    """Whether a peer address is within the source allowlist (empty list: any address)."""
-    if not allowed:
-        return True
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(ip in ipaddress.ip_network(entry, strict=False) for entry in allowed)
-
-
-class _SourceAddressRejectingACSE(ACSE):
-    """Rejects the association before negotiation: its source address is not allowed.
-
-    pynetdicom checks calling AE titles itself but has no address allowlist, so the receiver
-    swaps this in for disallowed peers on EVT_CONN_OPEN. PS3.8 has no diagnostic for an
-    address, so the reject is rejected-permanent, service-user, no-reason-given.
-    """
-
-    def _negotiate_as_acceptor(self) -> None:
-        self.requestor.ae_title = self.requestor.primitive.calling_ae_title
-        self.send_reject(0x01, 0x01, 0x01)
-        evt.trigger(self.assoc, evt.EVT_REJECTED, {})
-        self.assoc.kill()
-
-
-_KNOWN_VRS = frozenset(vr.value for vr in VR)
-# Bytes per value of the binary VRs: a length that is no multiple of it cannot be decoded.
-_BINARY_VALUE_BYTES = {
-    "AT": 4, "FD": 8, "FL": 4, "OD": 8, "OF": 4, "OL": 4, "OV": 8, "OW": 2, "SL": 4, "SS": 2, "SV": 8, "UL": 4, "US": 2, "UV": 8,
-}
-
-
-def _check_structure(dataset: Dataset) -> None:
-    """Raise if the dataset's structure cannot be decoded: an unknown VR, a binary value of the
-    wrong length, or a sequence whose items do not parse.
-
-    Reading parses tags and lengths; pydicom converts values (and sequence items) only when they
-    are used. Converting every value here cost 0.8 ms per 256x256 MR image (bench/README.md), so
-    only what decoding depends on is checked, recursively into every sequence. Text values do not
-    need it: pydicom keeps an invalid one as it is, with a warning.
-    """
-    for tag in dataset.keys():
-        element = dataset.get_item(tag)  # raw: its value is not converted
-        vr = element.VR
-        if vr is None:  # implicit VR: the data dictionary says
-            try:
-                vr = dictionary_VR(tag)
-            except KeyError:
-                continue  # private or unknown: read as UN
-        elif vr not in _KNOWN_VRS:
-            raise ValueError(f"unknown VR {vr!r} in {tag}")
-        size = _BINARY_VALUE_BYTES.get(vr)
-        length = getattr(element, "length", 0)
-        if size and length != 0xFFFFFFFF and length % size:
-            raise ValueError(f"{tag} has VR {vr} but {length} bytes, not a multiple of {size}")
-        if vr == "SQ":
-            for item in dataset[tag].value:
-                _check_structure(item)
-
-
-def _check_pixel_length(dataset: Dataset) -> None:
-    """A native (uncompressed) image must carry all its pixel bytes: catches truncated files."""
-    if "PixelData" not in dataset or dataset.file_meta.TransferSyntaxUID.is_compressed:
-        return
-    try:
-        frames = int(dataset.get("NumberOfFrames", 1) or 1)
-        expected = dataset.Rows * dataset.Columns * dataset.SamplesPerPixel * frames * ((dataset.BitsAllocated + 7) // 8)
-        if dataset.BitsAllocated == 1:
-            expected = (dataset.Rows * dataset.Columns * frames + 7) // 8
-    except (AttributeError, TypeError, ValueError) as error:
-        raise InstanceRejected(Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, f"image pixel module incomplete: {error}") from None
-    actual = len(dataset.PixelData)
-    if actual < expected:
-        raise InstanceRejected(Status.CANNOT_UNDERSTAND, f"pixel data has {actual} bytes, {expected} expected")
+def instance_kind(dataset: Dataset, sop_class_uid: str) -> str:
+    """What the object is to the node, from its header: a sijnode result, an input-capable image,
+    or a non-input object (the store turns a known output UID into own-result)."""
+    if sijnode_result_evidence(dataset) is not None:
+        return InstanceKind.SIJNODE_RESULT
+    return InstanceKind.INPUT if sop_class_uid in INPUT_SOP_CLASSES else InstanceKind.NON_INPUT
 
 
 def _text(dataset: Dataset, keyword: str, limit: int = 64) -> str | None:
@@ -210,7 +137,11 @@ class Receiver:
         self.config = config
         self.store = store
         self.spool = spool
-        self.server: ThreadedAssociationServer | None = None
+        # Connections the gate closed before their association request, reported in batches.
+        self._drops: Counter[tuple[str, str]] = Counter()
+        self._drops_lock = threading.Lock()
+        self._drops_stop = threading.Event()
+        self.server: GatedAssociationServer | None = None
 
     # -- pynetdicom event handlers ------------------------------------------------------------
 
@@ -218,25 +149,59 @@ class Receiver:
         """EVT_C_ECHO: always Success while the service runs."""
         return Status.SUCCESS
 
-    def handle_conn_open(self, event: evt.Event) -> None:
-        """EVT_CONN_OPEN: swap in the rejecting ACSE for addresses outside the allowlist."""
-        if not address_allowed(event.address[0], self.config.receiver.allowed_source_addresses):
-            event.assoc.acse = _SourceAddressRejectingACSE(event.assoc)
-
     def handle_rejected(self, event: evt.Event) -> None:
         """EVT_REJECTED: count and log each rejection once, by its cause."""
-        by_address = isinstance(event.assoc.acse, _SourceAddressRejectingACSE)
+        acse = event.assoc.acse
+        reason = acse.rejection if isinstance(acse, GuardedACSE) else None
+        by_address = reason == "source address not allowed"
         self.store.count("associations_rejected_address" if by_address else "associations_rejected")
         log_event(
             log,
             logging.WARNING,
-            "association rejected: source address not allowed" if by_address else "association rejected",
+            f"association rejected: {reason}" if reason else "association rejected",
             calling_ae=event.assoc.requestor.ae_title,
             address=event.assoc.requestor.address,
         )
 
+    def connection_dropped(self, reason: str, address: str) -> None:
+        """A connection closed before its association request was complete (see node/admission.py).
+
+        Called on the gate's thread, which must never wait for the database: counted here,
+        logged and stored as one summary per interval (a flood does not flood the log).
+        """
+        with self._drops_lock:
+            self._drops[(reason, address)] += 1
+
+    def _report_drops(self, interval_s: float = 2.0) -> None:
+        while not self._drops_stop.wait(interval_s):
+            self._flush_drops()
+
+    def _flush_drops(self) -> None:
+        with self._drops_lock:
+            drops, self._drops = self._drops, Counter()
+        if not drops:
+            return
+        by_reason: Counter[str] = Counter()
+        for (reason, address), count in drops.items():
+            by_reason[reason] += count
+        for reason, count in by_reason.items():
+            addresses = sorted({address for (r, address) in drops if r == reason})
+            log_event(log, logging.WARNING, f"connections closed: {reason}", connections=count, addresses=addresses[:10])
+        try:
+            self.store.count("connections_closed_before_association", sum(by_reason.values()))
+        except Exception:  # the counter is informational; the database may be down
+            log.warning("could not count closed connections")
+
+    def bad_command(self, reason: str) -> None:
+        """A C-STORE whose command set could not be taken: answered with a failure status."""
+        log_event(log, logging.WARNING, "C-STORE refused", status=f"0x{Status.CANNOT_UNDERSTAND:04X}", reason=reason)
+
     def handle_store(self, event: evt.Event) -> int:
         """EVT_C_STORE: persist, then answer; any failure becomes a C-STORE failure status."""
+        if isinstance(event.request.DataSet, OversizedDataset):  # the DIMSE layer kept none of it
+            oversized = StoreRequest(str(event.request.AffectedSOPClassUID), str(event.request.AffectedSOPInstanceUID), event.assoc.requestor.ae_title, b"")
+            limit = event.request.DataSet.limit
+            return self._rejected(oversized, Status.OUT_OF_RESOURCES, f"dataset larger than {limit} bytes (receiver.limits.max_dataset_bytes)")
         request = StoreRequest(
             affected_sop_class_uid=str(event.request.AffectedSOPClassUID),
             affected_sop_instance_uid=str(event.request.AffectedSOPInstanceUID),
@@ -276,9 +241,10 @@ class Receiver:
 
     def _accept(self, request: StoreRequest) -> IncomingInstance:
         """Read and check the instance, then write it to the spool (not yet recorded)."""
+        limits = self.config.receiver.limits
         try:
-            dataset = dcmread(io.BytesIO(request.encoded))
-            _check_structure(dataset)
+            dataset = read_instance(request.encoded, limits.max_dataset_bytes)
+            check_structure(dataset, limits.max_element_bytes)
             uids = {
                 keyword: str(dataset.get(keyword, "") or "").strip()
                 for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
@@ -291,6 +257,8 @@ class Receiver:
                 study_date=_text(dataset, "StudyDate", 8),
                 study_description=_text(dataset, "StudyDescription"),
             )
+        except InstanceRejected:
+            raise
         except Exception as error:  # pydicom raises many types for undecodable input
             raise InstanceRejected(Status.CANNOT_UNDERSTAND, f"dataset cannot be decoded: {type(error).__name__}: {error}") from None
         for keyword, value in uids.items():
@@ -303,12 +271,25 @@ class Receiver:
             raise InstanceRejected(
                 Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOP Class/Instance UID differ from the C-STORE request"
             )
-        _check_pixel_length(dataset)
+        kind = instance_kind(dataset, uids["SOPClassUID"])
+        try:
+            if kind == InstanceKind.INPUT:
+                # Only what a chain may read must be usable; other objects are stored as received
+                # and never decoded (a PACS's video or HTJ2K object must not fail a study push).
+                check_usable(dataset)
+        except InstanceRejected:
+            raise
+        except Exception as error:  # a value the checks could not even convert
+            raise InstanceRejected(Status.CANNOT_UNDERSTAND, f"dataset cannot be decoded: {type(error).__name__}") from None
         relative = self.spool.instance_path(uids["StudyInstanceUID"], uids["SeriesInstanceUID"], uids["SOPInstanceUID"])
+        digest = None
         if self.config.storage.duplicates == "keep-first" and self.spool.exists(relative):
             size = 0  # idempotent: the first copy stays (the path is derived from the UIDs)
         else:
             size = self.spool.write_atomic(relative, request.encoded)
+            if self.config.storage.duplicates == "replace":
+                # A re-send may replace the instance: its digest tells a real change from a copy.
+                digest = hashlib.sha256(request.encoded).hexdigest()
         return IncomingInstance(
             study_uid=uids["StudyInstanceUID"],
             series_uid=uids["SeriesInstanceUID"],
@@ -319,6 +300,8 @@ class Receiver:
             size_bytes=size,
             calling_ae_title=request.calling_ae_title,
             header=lambda: header_summary(dataset),
+            kind=kind,
+            digest=digest,
             **facts,
         )
 
@@ -345,7 +328,9 @@ class Receiver:
         ae = AE(ae_title=settings.ae_title)
         ae.supported_contexts = presentation_contexts(settings.accept_any_storage)
         ae.maximum_pdu_size = settings.max_pdu_bytes
-        ae.maximum_associations = settings.max_associations
+        # The gate and GuardedACSE enforce max_associations over established associations;
+        # pynetdicom's own count (every acceptor thread) must not reject before them.
+        ae.maximum_associations = settings.max_associations + settings.limits.max_pending_connections
         ae.network_timeout = settings.network_timeout_s
         ae.acse_timeout = settings.network_timeout_s
         ae.dimse_timeout = settings.network_timeout_s
@@ -354,25 +339,40 @@ class Receiver:
             ae.require_calling_aet = self.config.allowed_calling_ae_titles or ["\x00NO-PEERS"]
         return ae
 
-    def start(self) -> ThreadedAssociationServer:
-        """Start listening in background threads."""
+    def start(self) -> GatedAssociationServer:
+        """Start listening: the gate's thread accepts, pynetdicom's threads run associations."""
         settings = self.config.receiver
         handlers = [
             (evt.EVT_C_ECHO, self.handle_echo),
             (evt.EVT_C_STORE, self.handle_store),
-            (evt.EVT_CONN_OPEN, self.handle_conn_open),
             (evt.EVT_REJECTED, self.handle_rejected),
         ]
-        self.server = self.build_ae().start_server(
-            (settings.bind, settings.port), block=False, evt_handlers=handlers, ssl_context=server_ssl_context(self.config)
+        ae = self.build_ae()
+        peer_titles = [peer.ae_title for peer in self.config.peers]
+        server = GatedAssociationServer(
+            ae,
+            (settings.bind, settings.port),
+            settings.ae_title,
+            ae.supported_contexts,
+            server_ssl_context(self.config),
+            handlers,
+            AdmissionPolicy(settings, peer_titles),
+            on_drop=self.connection_dropped,
+            on_bad_command=self.bad_command,
         )
+        ae._servers.append(server)
+        threading.Thread(target=server.serve_forever, name=f"sijnode-gate-{settings.port}", daemon=True).start()
+        threading.Thread(target=self._report_drops, name="sijnode-gate-report", daemon=True).start()
+        self.server = server
         log_event(log, logging.INFO, "receiver listening", ae_title=settings.ae_title, bind=settings.bind, port=settings.port, tls=settings.tls.enabled)
-        return self.server
+        return server
 
     def stop(self) -> None:
         if self.server is not None:
             self.server.shutdown()
             self.server = None
+        self._drops_stop.set()
+        self._flush_drops()
 
 
 def server_ssl_context(config: Config) -> ssl.SSLContext | None:

@@ -49,7 +49,7 @@ class Service:
 
     def _start_worker(self, index: int) -> None:
         process = self._mp.Process(
-            target=worker_main, args=(self.config_path, index), name=f"sijnode-worker-{index}", daemon=True
+            target=worker_main, args=(self.config_path, index, os.getpid()), name=f"sijnode-worker-{index}", daemon=True
         )
         process.start()
         self._workers[index] = process
@@ -75,7 +75,8 @@ class Service:
 
         Its workers and sender died with it, so jobs it left running and deliveries it left
         sending would otherwise wait up to a lease (workers.lease_seconds, 30 min by default).
-        Nothing is taken back while another service on this database still beats.
+        Their half-written temporary spool files go too. Nothing is taken back (or removed) while
+        another service on this database still beats.
         """
         previous = self.store.heartbeat(HEARTBEAT_NAME)
         if previous is not None and _still_running(*previous):
@@ -85,6 +86,9 @@ class Service:
         jobs, deliveries = self.store.expire_claims()
         if jobs or deliveries:
             log_event(log, logging.INFO, "took back work left claimed by the previous run", jobs=jobs, deliveries=deliveries)
+        removed = self.spool.clear_tmp()
+        if removed:
+            log_event(log, logging.INFO, "removed temporary spool files left by the previous run", files=removed)
 
     def run(self) -> None:
         """Run until SIGTERM/SIGINT."""

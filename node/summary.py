@@ -56,7 +56,7 @@ def update_study_summary(store: Store, spool: Spool, config: Config, study_uid: 
         for o in detail["outputs"]
     }
     previous = [o for o in detail["outputs"] if series_of[o.sop_instance_uid] in summary_series]
-    outcomes = []
+    outcomes, reported = [], []
     for job in jobs:
         srs = [
             o for o in detail["outputs"]
@@ -64,6 +64,9 @@ def update_study_summary(store: Store, spool: Spool, config: Config, study_uid: 
         ]
         lines = report_lines(dcmread(spool.absolute(srs[0].path))) if job.state == JobState.DONE and srs else None
         outcomes.append(chain_outcome(job, lines))
+        reported.append(lines)
+    if all(lines is None for lines in reported) and not any(job.state == JobState.FAILED for job in jobs):
+        return False  # no chain reports in an SR (e.g. an export-only chain): nothing to summarise
     summary = StudySummary(study_uid, tuple(outcomes), series_fates(detail["series"], jobs, config.chains))
     instances = store.study_instances(study_uid)
     if not instances:

@@ -15,11 +15,13 @@ import threading
 import traceback
 from pathlib import Path
 
+from pydicom import dcmread
+
 from node.config import Config, load_config
-from node.logs import log_event, setup_logging
+from node.logs import log_event, redact, setup_logging
 from node.summary import update_study_summary, write_results
 from pipeline.chains import Chain, RuntimeSettings, SeriesInput, StudyInputs, load_chain
-from pipeline.route import ChainSpec
+from pipeline.route import ChainSpec, OutputPlan
 from storage.spool import Spool
 from storage.models import JobState
 from storage.store import ClaimedJob, ProducedObject, Store
@@ -55,15 +57,19 @@ class Worker:
         job = self.store.claim_job(self.name, settings.lease_seconds, settings.max_attempts)
         if job is None:
             return False
-        log_event(log, logging.INFO, "job started", job_id=job.id, chain=job.chain, study_uid=job.study_uid, attempt=job.attempts)
+        log_event(
+            log, logging.INFO, "job started", job_id=job.id, chain=job.chain, study_uid=job.study_uid,
+            attempt=job.attempts, result_version=job.result_version,
+        )
         stop_renewing = threading.Event()
         renewer = threading.Thread(target=self._renew_lease, args=(job.id, stop_renewing), daemon=True)
         renewer.start()
         try:
             produced = self._run(job)
         except Exception as error:
-            state = self.store.fail_job(job.id, self.name, _describe(error), settings.max_attempts)
-            log_event(log, logging.ERROR, "job failed", job_id=job.id, chain=job.chain, error=f"{type(error).__name__}: {error}", state=state)
+            description = _describe(error)  # redacted: stored in the job and shown by `sijnode jobs`
+            state = self.store.fail_job(job.id, self.name, description, settings.max_attempts)
+            log_event(log, logging.ERROR, "job failed", job_id=job.id, chain=job.chain, error=description, state=state)
             if state == JobState.FAILED:
                 self._summarise(job)
             return True
@@ -78,12 +84,17 @@ class Worker:
             log_event(log, logging.WARNING, "job result discarded: the job was taken over", job_id=job.id)
         return True
 
+    def output_plan(self, job: ClaimedJob) -> OutputPlan:
+        """The job's result version, its series numbers and names, and the SR it supersedes."""
+        previous = [dcmread(self.spool.absolute(path), stop_before_pixels=True) for path in job.previous_sr_paths]
+        return OutputPlan.for_chain(self.spec(job.chain).series, job.result_version, previous)
+
     def _summarise(self, job: ClaimedJob) -> None:
         """The study summary, once the study's last job has ended; its failure fails no job."""
         try:
             update_study_summary(self.store, self.spool, self.config, job.study_uid, job.id)
         except Exception as error:
-            log_event(log, logging.ERROR, "study summary failed", job_id=job.id, error=f"{type(error).__name__}: {error}")
+            log_event(log, logging.ERROR, "study summary failed", job_id=job.id, error=_describe(error))
 
     def _run(self, job: ClaimedJob) -> list[ProducedObject]:
         inputs = StudyInputs(
@@ -93,6 +104,7 @@ class Worker:
                 for key, paths in job.input_paths.items()
             },
             options=dict(self.spec(job.chain).options),
+            output=self.output_plan(job),
         )
         return write_results(self.spool, job.study_uid, job.id, self.chain(job.chain).produce(inputs))
 
@@ -106,18 +118,39 @@ class Worker:
 
 
 def _describe(error: BaseException) -> str:
-    summary = traceback.format_exception_only(type(error), error)[-1].strip()
+    summary = redact(traceback.format_exception_only(type(error), error)[-1].strip())
     frames = traceback.extract_tb(error.__traceback__)[-3:]
     where = " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in reversed(frames))
     return f"{summary} (at {where})" if where else summary
 
 
-def worker_main(config_path: str, index: int, poll_seconds: float = 1.0) -> None:
+def die_with_parent(parent_pid: int) -> None:
+    """Make this process end when the service that started it ends, even by kill -9.
+
+    Linux delivers SIGKILL on the parent's death (PR_SET_PDEATHSIG); a worker left running
+    would keep claiming jobs next to the restarted service's own. The pid check covers a
+    parent that died before the request took effect.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the worker loop's parent check remains
+        pass
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def worker_main(config_path: str, index: int, parent_pid: int | None = None, poll_seconds: float = 1.0) -> None:
     """Entry point of a worker process; SIGTERM lets the current job finish, then exits.
 
     The stop request is a signal, not a shared multiprocessing.Event: a worker killed while
     waiting on such an Event leaves its lock held and the parent's set() would hang.
     """
+    if parent_pid is not None:
+        die_with_parent(parent_pid)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent decides
@@ -133,6 +166,9 @@ def worker_main(config_path: str, index: int, poll_seconds: float = 1.0) -> None
         except Exception:
             log.exception("worker loop error")
             busy = False
+        if parent_pid is not None and os.getppid() != parent_pid:
+            log_event(log, logging.WARNING, "the service is gone; worker exits", worker=worker.name)
+            break
         if not busy:
             stop.wait(poll_seconds)
     store.dispose()

@@ -108,5 +108,18 @@ class Spool:
         finally:
             os.close(fd)
 
+    def clear_tmp(self) -> int:
+        """Remove what killed processes left in tmp/ (half-written ``*.part`` files, library
+        temporary files); returns how many. Only for a service starting with no other one alive."""
+        removed = 0
+        for path in self.tmp_dir.iterdir():
+            try:
+                if path.is_file() or path.is_symlink():
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                pass
+        return removed
+
     def exists(self, relative: str) -> bool:
         return self.absolute(relative).exists()

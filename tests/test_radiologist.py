@@ -180,10 +180,10 @@ def test_dsr2html_shows_the_findings_before_the_image_library(srs: dict[str, Pat
     library = text.index("Image Library")
     for expected in (
         "DEMONSTRATION: produced by the demonstration pack",
-        "PRESENT: probability 0.74 of radiographic sacroiliitis (modified new york criteria) (present at >= 0.59); "
+        "PRESENT: probability 0.74 of radiographic sacroiliitis (modified New York criteria) (present at >= 0.59); "
         "sacroiliac joints, both sides together (no side decided). High-confidence prediction",
-        "Explanation, not a finding (where the model looked for radiographic sacroiliitis (modified new york criteria)): "
-        "share of grad-cam in joint box, left 0.12, right 0.81",
+        "Explanation, not a finding (where the model looked for radiographic sacroiliitis (modified New York criteria)): "
+        "share of Grad-CAM in joint box, left 0.12, right 0.81",
     ):
         assert 0 <= text.index(expected) < library, expected
     assert "Bilateral" not in text
@@ -345,6 +345,7 @@ def _study_objects(pacs, study_uid: str) -> list[pydicom.Dataset] | None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # four radiographs through the real chain on a shared CPU
 def test_phantoms_through_the_node_state_no_side_and_get_a_summary(tmp_path: Path) -> None:
     from pipeline.phantom import generate_study, write_study
     from tests.node_harness import NODE_AET, REPO, Node

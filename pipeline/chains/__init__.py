@@ -8,6 +8,7 @@ send back. Chains never open sockets or database sessions: files in, datasets ou
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any, Protocol
 
 from pydicom import Dataset, dcmread
 
-from pipeline.route import ChainSpec
+from pipeline.route import ChainSpec, OutputPlan
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,36 @@ class SeriesInput:
     files: tuple[Path, ...]
 
     def datasets(self) -> list[Dataset]:
-        return [dcmread(path) for path in self.files]
+        return [read_leniently(path) for path in self.files]
+
+
+# Dates as the field writes them besides DICOM's YYYYMMDD: 1977-04-01, 1977/04/01, 1977.04.01.
+_SLOPPY_DATE = re.compile(r"^\s*(\d{4})[-/.](\d{2})[-/.](\d{2})\s*$")
+
+
+def read_leniently(path: Path) -> Dataset:
+    """Read an input instance, tolerating what the field gets wrong in values no chain needs.
+
+    A date (VR DA) in a common non-DICOM form is rewritten as YYYYMMDD; one that is no date at
+    all is emptied (its attribute stays, as a Type 2 copy would). Otherwise pydicom and
+    highdicom refuse the value when the outputs copy the patient and study modules
+    ("Unable to convert '1977-04-01' to 'DA'"), and the whole study fails. The file in the
+    spool stays as it was received.
+    """
+    dataset = dcmread(path)
+    for element in dataset.iterall():
+        if element.VR != "DA" or element.is_empty or not isinstance(element.value, str):
+            continue
+        value = element.value.strip()
+        if re.fullmatch(r"\d{8}", value) or ("-" in value and _is_date_range(value)):
+            continue
+        sloppy = _SLOPPY_DATE.match(value)
+        element.value = "".join(sloppy.groups()) if sloppy else ""
+    return dataset
+
+
+def _is_date_range(value: str) -> bool:
+    return all(re.fullmatch(r"\d{8}|", part) for part in value.split("-")) and value.count("-") == 1
 
 
 @dataclass(frozen=True)
@@ -37,6 +67,8 @@ class StudyInputs:
     study_uid: str
     series: Mapping[str, SeriesInput]
     options: Mapping[str, Any] = field(default_factory=dict)
+    # result version, series numbers and descriptions, previous version's SR (set by the worker)
+    output: OutputPlan = field(default_factory=OutputPlan)
 
 
 @dataclass(frozen=True)

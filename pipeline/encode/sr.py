@@ -76,9 +76,16 @@ TOP_SCORES = 5
 
 
 def encode_sr(
-    result: ChainResult, series_instance_uid: str, series_number: int
+    result: ChainResult,
+    series_instance_uid: str,
+    series_number: int,
+    description: str | None = None,
+    previous_versions: Sequence[Dataset] = (),
 ) -> hd.sr.Comprehensive3DSR:
-    """The chain's findings, top per-image scores and explanations as a TID 1500 Comprehensive 3D SR."""
+    """The chain's findings, top per-image scores and explanations as a TID 1500 Comprehensive 3D SR.
+
+    ``previous_versions``: the SR(s) this one supersedes, listed in its Predecessor Documents
+    Sequence (highdicom's ``previous_versions``)."""
     if not result.sources:
         raise ValueError("a result without source images cannot be reported")
     provenance = result.provenance
@@ -91,7 +98,7 @@ def encode_sr(
     report = measurement_report(
         _observation_context(provenance), procedure_reported(result.sources), groups, cited_sources(result, top)
     )
-    _insert_before_image_library(report[0], qualitative_evaluations(reader_summary(result, top)))
+    insert_before_image_library(report[0], qualitative_evaluations(reader_summary(result, top)))
     (sop_instance_uid,) = instance_uids(series_instance_uid, 1)
     sr = hd.sr.Comprehensive3DSR(
         evidence=list(result.sources),
@@ -103,8 +110,9 @@ def encode_sr(
         manufacturer=MANUFACTURER,
         is_complete=True,
         is_verified=False,
-        series_description=series_description(provenance, "findings"),
+        series_description=description or series_description(provenance, "findings"),
         performed_procedure_codes=_source_procedure_codes(result.sources) or None,
+        previous_versions=list(previous_versions) or None,
     )
     add_algorithm_equipment(sr, provenance)
     declare_private_schemes(sr, result.sources)
@@ -139,13 +147,19 @@ def measurement_report(
 # -- what the reader sees first -------------------------------------------------------------------
 
 
-def decisiontext_item(finding: Finding) -> str:
+def in_sentence(meaning: str) -> str:
+    """A code meaning inside a sentence: first letter lower-case ('Active sacroiliitis' -> 'active
+    sacroiliitis'), the rest as written ('New York' stays)."""
+    return meaning[:1].lower() + meaning[1:]
+
+
+def decision_text(finding: Finding) -> str:
     """One line for a finding: decision, probability of what, threshold, where; e.g.
     'PRESENT: probability 0.80 of active sacroiliitis (threshold 0.50); sacroiliac joints,
     both sides together (no side decided)'."""
     decision = "PRESENT" if finding.present else "ABSENT"
     text = (
-        f"{decision}: probability {finding.probability:.2f} of {finding.concept.meaning.lower()} "
+        f"{decision}: probability {finding.probability:.2f} of {in_sentence(finding.concept.meaning)} "
         f"(present at >= {finding.threshold:.2f}); {finding.label}"
     )
     return f"{text}. {finding.note}" if finding.note else text
@@ -153,7 +167,7 @@ def decisiontext_item(finding: Finding) -> str:
 
 def probability_meaning(finding: Finding) -> str:
     """What the probability is a probability of, in words."""
-    return f"Probability of {finding.concept.meaning.lower()}, {finding.label}"
+    return f"Probability of {in_sentence(finding.concept.meaning)}, {finding.label}"
 
 
 def top_scores(result: ChainResult, count: int = TOP_SCORES) -> dict[str, list[ImageScore]]:
@@ -165,22 +179,22 @@ def top_scores(result: ChainResult, count: int = TOP_SCORES) -> dict[str, list[I
     return {meaning: sorted(scores, key=lambda s: -s.value)[:count] for meaning, scores in by_concept.items()}
 
 
-def score_listtext_item(result: ChainResult, meaning: str, top: Sequence[ImageScore]) -> str:
+def score_list_text(result: ChainResult, meaning: str, top: Sequence[ImageScore]) -> str:
     """'Top 3 of 56 images by attention weight: instance 22: 0.12; instance 23: 0.11; ...'."""
     total = sum(1 for score in result.image_scores if score.concept.meaning == meaning)
     entries = "; ".join(
         f"instance {instance_number(find_source(result, score.source))}: {score.value:.3f}" for score in top
     )
-    return f"Top {len(top)} of {total} images by {meaning.lower()}: {entries}"
+    return f"Top {len(top)} of {total} images by {in_sentence(meaning)}: {entries}"
 
 
-def explanationtext_item(explanations: Sequence[SideExplanation]) -> str:
+def explanation_text(explanations: Sequence[SideExplanation]) -> str:
     """'Explanation, not a finding: share of Grad-CAM in joint box, left 0.62, right 0.31 (...)'."""
     first = explanations[0]
     parts = ", ".join(f"{e.laterality.value} {e.value:.2f}" for e in explanations)
     return (
-        f"Explanation, not a finding (where the model looked for {first.explains.meaning.lower()}): "
-        f"{first.concept.meaning.lower()}, {parts}. The model does not decide a side."
+        f"Explanation, not a finding (where the model looked for {in_sentence(first.explains.meaning)}): "
+        f"{in_sentence(first.concept.meaning)}, {parts}. The model does not decide a side."
     )
 
 
@@ -193,14 +207,14 @@ def reader_summary(result: ChainResult, top: dict[str, list[ImageScore]]) -> lis
     if result.not_analysed is not None:
         items.append(text_item(concept("comment"), f"{provenance.algorithm_name}: {result.not_analysed.text}"))
     for finding in result.findings:
-        items.append(text_item(finding.concept, decisiontext_item(finding)))
+        items.append(text_item(finding.concept, decision_text(finding)))
     for meaning, scores in top.items():
-        items.append(text_item(scores[0].concept, score_listtext_item(result, meaning, scores)))
+        items.append(text_item(scores[0].concept, score_list_text(result, meaning, scores)))
     by_finding: dict[Concept, list[SideExplanation]] = defaultdict(list)
     for explanation in result.explanations:
         by_finding[explanation.explains].append(explanation)
     for explanations in by_finding.values():
-        items.append(text_item(concept("visual explanation"), explanationtext_item(explanations)))
+        items.append(text_item(concept("visual explanation"), explanation_text(explanations)))
     return items
 
 
@@ -213,7 +227,7 @@ def cited_sources(result: ChainResult, top: dict[str, list[ImageScore]]) -> list
     return listed or list(result.sources[:1])
 
 
-def _insert_before_image_library(root: Dataset, item: Dataset) -> None:
+def insert_before_image_library(root: Dataset, item: Dataset) -> None:
     """Put ``item`` right after Procedure Reported, before the Image Library (module doc)."""
     sequence = list(root.ContentSequence)
     library = next(
@@ -358,7 +372,7 @@ def _finding_group(
             _number(
                 concept("threshold"),
                 finding.threshold,
-                f"Operating threshold: {finding.concept.meaning.lower()} present when the probability is >= {finding.threshold:.2f}",
+                f"Operating threshold: {in_sentence(finding.concept.meaning)} present when the probability is >= {finding.threshold:.2f}",
             ),
         ],
         source_images=[_group_source_image(ref) for ref in finding.evidence] or None,
@@ -417,7 +431,7 @@ def _explanation_groups(result: ChainResult) -> list[hd.sr.MeasurementsAndQualit
     if not result.explanations:
         return []
     first = result.explanations[0]
-    identifier = f"Explanation, not a finding: {first.concept.meaning.lower()}"
+    identifier = f"Explanation, not a finding: {in_sentence(first.concept.meaning)}"
     measurements = []
     for explanation in result.explanations:
         finding = next(f for f in result.findings if f.concept == explanation.explains)
@@ -425,8 +439,8 @@ def _explanation_groups(result: ChainResult) -> list[hd.sr.MeasurementsAndQualit
             _number(
                 explanation.concept,
                 explanation.value,
-                f"Explanation, not a finding: {explanation.concept.meaning.lower()}, {explanation.laterality.value} side, "
-                f"for the patient-level {explanation.explains.meaning.lower()} (no side decided)",
+                f"Explanation, not a finding: {in_sentence(explanation.concept.meaning)}, {explanation.laterality.value} side, "
+                f"for the patient-level {in_sentence(explanation.explains.meaning)} (no side decided)",
                 finding_sites=[
                     hd.sr.FindingSite(
                         anatomic_location=coded(site_code(finding.site)),

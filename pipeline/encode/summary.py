@@ -306,7 +306,13 @@ def encode_summary(summary: StudySummary, reference: Dataset, version: int) -> l
 def _summary_sr(summary: StudySummary, reference: Dataset, version: int) -> hd.sr.Comprehensive3DSR:
     """The summary lines as a TID 1500 report whose only content is its report-level Qualitative
     Evaluations (rows 12 and 14: TEXT, any concept), like the chains' SRs read first."""
-    from pipeline.encode.sr import measurement_report, procedure_reported, qualitative_evaluations, text_item
+    from pipeline.encode.sr import (
+        insert_before_image_library,
+        measurement_report,
+        procedure_reported,
+        qualitative_evaluations,
+        text_item,
+    )
 
     names = {"demo": "comment", "finding": "finding", "series": "series"}
     observer = hd.sr.ObserverContext(
@@ -318,8 +324,9 @@ def _summary_sr(summary: StudySummary, reference: Dataset, version: int) -> hd.s
     report = measurement_report(
         hd.sr.ObservationContext(observer_device_context=observer), procedure_reported([reference]), [], [reference]
     )
-    report[0].ContentSequence.append(
-        qualitative_evaluations([text_item(concept(names[kind]), value) for kind, value in summary.lines() if kind in names])
+    insert_before_image_library(
+        report[0],
+        qualitative_evaluations([text_item(concept(names[kind]), value) for kind, value in summary.lines() if kind in names]),
     )
     _, series_uid = summary_series_uids(summary.study_uid)
     return hd.sr.Comprehensive3DSR(
