@@ -150,6 +150,7 @@ def test_gradcam_taps_each_sequence_on_its_own_pass() -> None:
     model = build_classifier(TINY_CLASSIFIER).eval()
     volumes = torch.cat([torch.randn(1, 1, 8, 40, 40), torch.randn(1, 1, 8, 40, 40) * 2 + 1], 1)
     maps = GradCAMExplainer(model).maps(volumes)
+    assert not any(module.training for module in model.modules())  # Grad-CAM leaves the classifier in eval mode
     assert set(maps) == set(SEQUENCES) and maps["T1"].shape == (8, 40, 40)
     expected = {sequence: _manual_gradcam(model, volumes, index) for index, sequence in enumerate(SEQUENCES)}
     for sequence in SEQUENCES:

@@ -187,7 +187,9 @@ class GradCAMExplainer:
     def __init__(self, model: DualEncoderClassifier) -> None:
         from monai.visualize import GradCAM
 
-        self.wrapper = SequencePass(model.eval())
+        # the wrapper in eval mode too: MONAI puts the wrapped module back into the mode it found,
+        # and a wrapper in (default) training mode would leave the classifier's BatchNorm training
+        self.wrapper = SequencePass(model).eval()
         self.cam = GradCAM(self.wrapper, target_layers="model.body.0.4", postprocessing=normalize_cam)
 
     def maps(self, volumes: torch.Tensor) -> dict[str, np.ndarray]:
