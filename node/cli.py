@@ -23,7 +23,7 @@ import shutil
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, is_dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -782,6 +782,29 @@ def cmd_packs_import_ct_slices(args: argparse.Namespace, config: Config | None, 
     return EXIT_OK
 
 
+def cmd_packs_import_t1stir_3d(args: argparse.Namespace, config: Config | None, out: Output) -> int:
+    """``sijnode packs import-t1stir-3d``: models trained with kbressem/spa to a t1stir-3d pack."""
+    from pipeline.chains.t1stir_3d.importer import WeightsImportError, import_spa_models
+
+    classifiers = {"active_inflammation": args.active, "asas_active_sacroiliitis": args.asas, "structural_lesions": args.structural}
+    thresholds = {task: value for task, value in zip(classifiers, (args.threshold_active, args.threshold_asas, args.threshold_structural)) if value is not None}
+    try:
+        pack = import_spa_models(
+            {task: Path(path) for task, path in classifiers.items()},
+            {"T1": Path(args.denoiser_t1), "STIR": Path(args.denoiser_stir)},
+            Path(args.out),
+            thresholds=thresholds,
+            trust_pickle=args.trust_pickle,
+        )
+    except WeightsImportError as error:
+        raise CLIError(str(error), EXIT_INVALID) from None
+    if out.json:
+        _print_json({"pack": str(pack.folder), "name": pack.manifest.name, "version": pack.manifest.version, "sha256": pack.manifest.weights.sha256})
+    else:
+        out.line(f"wrote pack {pack.manifest.name} {pack.manifest.version} to {pack.folder}")
+    return EXIT_OK
+
+
 def cmd_train(args: argparse.Namespace, config: Config | None, out: Output) -> int:
     from pipeline.training import train_chain
 
@@ -909,7 +932,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_cmd = sub.add_parser("config", help="check config.yaml", parents=[common])
     config_sub = config_cmd.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND", parser_class=_Parser)
     add("check", cmd_config_check, "validate config.yaml and the files it names (exit 2 on a problem)", config_sub)
-    packs_cmd = sub.add_parser("packs", help="model packs: list, verify, import-anatomy-aware, import-ct-slices", parents=[common])
+    packs_cmd = sub.add_parser("packs", help="model packs: list, verify, import-anatomy-aware, import-ct-slices, import-t1stir-3d", parents=[common])
     packs_sub = packs_cmd.add_subparsers(dest="packs_command", required=True, metavar="SUBCOMMAND", parser_class=_Parser)
     add("list", cmd_packs_list, "the configured chains' packs", packs_sub)
     verify = add("verify", cmd_packs_verify, "check packs' weights against their manifests (sha256)", packs_sub)
@@ -933,6 +956,23 @@ def build_parser() -> argparse.ArgumentParser:
     ct_slices.add_argument("--threshold", type=float, default=0.5, help="operating threshold on the study probability (default 0.5)")
     ct_slices.add_argument("--trust-pickle", action="store_true", help="allow full unpickling (only for files from a trusted source)")
     ct_slices.set_defaults(needs_config=False)
+    spa = add(
+        "import-t1stir-3d", cmd_packs_import_t1stir_3d,
+        "import models trained with kbressem/spa (Bressem et al. 2022) as a t1stir-3d pack", packs_sub,
+    )
+    for flag, what in (
+        ("--active", "active inflammatory lesions classifier"),
+        ("--asas", "ASAS active sacroiliitis classifier"),
+        ("--structural", "structural lesions classifier"),
+        ("--denoiser-t1", "T1 denoising U-Net"),
+        ("--denoiser-stir", "STIR (TIRM) denoising U-Net"),
+    ):
+        spa.add_argument(flag, required=True, help=f"fastai model file of the {what} ({{'model': state_dict, 'opt': ...}})")
+    for flag in ("--threshold-active", "--threshold-asas", "--threshold-structural"):
+        spa.add_argument(flag, type=float, default=None, help="operating threshold of that output (default 0.5; the paper's validation cut-offs are not published)")
+    spa.add_argument("--out", required=True, help="pack folder to write")
+    spa.add_argument("--trust-pickle", action="store_true", help="allow full unpickling (only for files from a trusted source)")
+    spa.set_defaults(needs_config=False)
     train = add("train", cmd_train, "train a chain's model pack on phantom studies")
     train.add_argument("chain")
     train.add_argument("--data", required=True, help="folder written by sijnode phantom")

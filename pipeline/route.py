@@ -45,6 +45,9 @@ class ChainRequirement(BaseModel):
     role: Role
     planes: list[Plane] = Field(default_factory=list)
     name: str | None = None  # input key handed to the chain; defaults to the role, lower-case
+    # optional: the chain runs without it (and says "not analysed" itself when it must), so that a
+    # study missing this input still gets a result with the reason instead of silence
+    optional: bool = False
 
     @field_validator("role")
     @classmethod
@@ -290,17 +293,21 @@ def _plan_chain(chain: ChainSpec, ordered: Sequence[SeriesCandidate]) -> tuple[R
     """The job for one chain (or None) and a sentence saying why."""
     if not chain.enabled:
         return None, f"chain '{chain.name}': not routed: disabled"
-    assignment = _assign(chain.requires, ordered)
+    requires = list(chain.requires)
+    assignment = _assign(requires, ordered)
+    if assignment is None and any(req.optional for req in requires):
+        requires = _with_optional(chain.requires, ordered)
+        assignment = _assign(requires, ordered)
     if assignment is not None:
-        inputs = {req.key: series.series_uid for req, series in zip(chain.requires, assignment)}
-        chosen = ", ".join(
-            f"{req.key} ← {_describe_series(series)}" for req, series in zip(chain.requires, assignment)
-        )
+        inputs = {req.key: series.series_uid for req, series in zip(requires, assignment)}
+        chosen = ", ".join(f"{req.key} ← {_describe_series(series)}" for req, series in zip(requires, assignment))
+        absent = [req.key for req in chain.requires if req.key not in inputs]
+        chosen += f"; without optional {', '.join(absent)}" if absent else ""
         return RoutedJob(chain.name, inputs), f"chain '{chain.name}': routed: {chosen}"
     # Name the first requirement that cannot be met even on its own; if each can be met alone,
     # the chain fails because requirements compete for the same series.
     for requirement in chain.requires:
-        if _assign([requirement], ordered) is None:
+        if not requirement.optional and _assign([requirement], ordered) is None:
             return None, (
                 f"chain '{chain.name}': not routed: needs {requirement.key} = "
                 f"{requirement.describe()}, but {_why_unmet(requirement, ordered)}"
@@ -310,6 +317,15 @@ def _plan_chain(chain: ChainSpec, ordered: Sequence[SeriesCandidate]) -> tuple[R
         f"chain '{chain.name}': not routed: needs distinct series for {wanted}, "
         "but there are not enough fitting series to give each its own"
     )
+
+
+def _with_optional(requirements: Sequence[ChainRequirement], ordered: Sequence[SeriesCandidate]) -> list[ChainRequirement]:
+    """The required requirements plus each optional one that can still be met alongside them."""
+    kept = [req for req in requirements if not req.optional]
+    for requirement in requirements:
+        if requirement.optional and _assign([*kept, requirement], ordered) is not None:
+            kept.append(requirement)
+    return [req for req in requirements if req in kept]
 
 
 def _ordered(series: Sequence[SeriesCandidate]) -> list[SeriesCandidate]:

@@ -40,6 +40,7 @@ TRAINERS = {
     "t2fs-mil": "pipeline.chains.t2fs_mil.train",
     "xr-anatomy": "pipeline.chains.xr_anatomy.train",
     "ct-slices": "pipeline.chains.ct_slices.train",
+    "t1stir-3d": "pipeline.chains.t1stir_3d.train",
 }
 
 

@@ -103,6 +103,7 @@ CODES: MappingProxyType[str, Concept] = MappingProxyType(
         ),
         "inflammatory changes": _private("ASAS-MRI", "Active inflammatory lesions (ASAS MRI)"),
         "structural changes": _private("STRUCTURAL", "Structural lesions of sacroiliac joints"),
+        "active inflammatory changes": _private("ACTIVE-INFL", "Active inflammatory lesions of sacroiliac joints"),
         # A slice's weight in a MIL attention pooling: not a class activation (130402), which
         # is a pixel map; no code found for attention.
         "attention weight": _private("ATTN-WEIGHT", "Attention weight"),
