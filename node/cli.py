@@ -722,6 +722,8 @@ def cmd_packs_list(args: argparse.Namespace, config: Config, out: Output) -> int
           "DEMO" if r.get("demo") else ("no" if "demo" in r else None),
           ", ".join(f"{k} ({v:g})" for k, v in r.get("outputs", {}).items()), r.get("architecture")] for r in rows],
     )
+    if any(r.get("demo") for r in rows):
+        out.line("DEMO = DEMONSTRATION pack (phantoms only), not for diagnosis")
     for r in rows:
         if r.get("error"):
             print(f"sijnode: chains[{r['chain']}].pack: {r['error']}", file=sys.stderr)
