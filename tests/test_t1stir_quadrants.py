@@ -1,0 +1,138 @@
+"""t1stir-quadrants (Jamaludin et al. 2026): the parts built so far, each against real behaviour."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pipeline.chains.t1stir_quadrants.annotators import (
+    BASE,
+    INFERENCE_NODE,
+    PAPER_HIERARCHY,
+    AnnotatorHierarchy,
+    multi_reader_loss,
+)
+from pipeline.evaluation import auc, threshold_metrics
+from pipeline.phantom.readers import GRADED_OUTPUTS, READERS, SESSIONS, confusion_arrays, simulate_readings
+from pipeline.phantom.seeding import rng_for
+
+# ---------------------------------------------------------------- annotator matrices
+
+
+def test_annotator_matrices_have_the_papers_form_and_tree():
+    annotators = AnnotatorHierarchy(3)
+    with torch.no_grad():
+        for logits in annotators.rate_logits.values():
+            logits.normal_()
+    for node in PAPER_HIERARCHY:
+        matrix = annotators.matrix(node)
+        torch.testing.assert_close(matrix.sum(dim=1), torch.ones(3, 2))  # column-stochastic
+        assert (matrix >= 0).all()
+        low_rank = matrix - torch.eye(2)
+        assert all(torch.linalg.matrix_rank(m) == 1 for m in low_rank)  # B = I + a (x) b
+    assert annotators.order.index("R1R2") < annotators.order.index("R1") < annotators.order.index("R1S3")
+    probability = torch.tensor([[0.1, 0.5, 0.9]])
+    predictions = annotators(probability)
+    two_class = torch.stack([1 - probability, probability], dim=-1)  # (1, outputs, 2)
+    expected = torch.einsum("oij,noj->noi", annotators.composed_matrix("R2S3"), two_class)[..., 1]
+    torch.testing.assert_close(predictions["R2S3"], expected)
+    trace = sum(annotators.matrix(node).diagonal(dim1=-2, dim2=-1).sum() for node in PAPER_HIERARCHY)
+    torch.testing.assert_close(annotators.trace_penalty(), trace)
+
+
+def test_unused_consensus_labels_contribute_nothing():
+    annotators = AnnotatorHierarchy(2)
+    probability = torch.tensor([[0.3, 0.6]], requires_grad=True)
+    labels = {"R1R2": torch.tensor([[-1, 1]]), "R1S1": torch.tensor([[-1, -1]])}
+    loss = multi_reader_loss(annotators(probability), labels, annotators, trace_weight=0.0)
+    loss.backward()
+    assert probability.grad[0, 0] == 0 and probability.grad[0, 1] != 0
+    assert annotators.rate_logits["R1S1"].grad is None or not annotators.rate_logits["R1S1"].grad.any()
+
+
+def _synthetic_reads(cases: int, features: int, seed: int):
+    """Linear-logistic truth for the 14 outputs and the phantom's simulated readers over it."""
+    rng = np.random.default_rng(seed)
+    weights = rng.normal(size=(features, len(GRADED_OUTPUTS)))
+    bias = rng.normal(-1.0, 0.3, size=len(GRADED_OUTPUTS))
+
+    def draw(n: int):
+        x = rng.normal(size=(n, features))
+        z = 3 * x @ weights / np.sqrt(features) + bias + 0.5 * rng.normal(size=(n, len(GRADED_OUTPUTS)))
+        return torch.tensor(x, dtype=torch.float32), (z > 0).astype(np.int8)
+
+    x, truth = draw(cases)
+    x_test, truth_test = draw(4000)
+    readings = simulate_readings(truth, {(r, s): rng_for(seed, r, s) for r in READERS for s in SESSIONS})
+    labels = {name: torch.tensor(values, dtype=torch.long) for name, values in readings.items()}
+    return x, labels, x_test, truth_test
+
+
+def _scores(truth: np.ndarray, probability: np.ndarray) -> tuple[float, float]:
+    outputs = range(truth.shape[1])
+    mean_auc = np.nanmean([auc(truth[:, o], probability[:, o]) for o in outputs])
+    balanced = np.nanmean([threshold_metrics(truth[:, o], probability[:, o], 0.5)["balanced_accuracy"] for o in outputs])
+    return float(mean_auc), float(balanced)
+
+
+@pytest.fixture(scope="module")
+def multi_reader_fit():
+    """A linear network trained on all nine label sets through the hierarchy, and one trained on R1S1 alone."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: threads only contend on the shared CPUs
+    torch.manual_seed(0)
+    x, labels, x_test, truth_test = _synthetic_reads(cases=600, features=32, seed=0)
+    epochs, rate = 200, 0.05
+    network, annotators = nn.Linear(x.shape[1], len(GRADED_OUTPUTS)), AnnotatorHierarchy(len(GRADED_OUTPUTS))
+    optimizer = torch.optim.Adam([*network.parameters(), *annotators.parameters()], lr=rate)
+    for _ in range(epochs):
+        optimizer.zero_grad()
+        multi_reader_loss(annotators(torch.sigmoid(network(x))), labels, annotators).backward()
+        optimizer.step()
+    torch.manual_seed(0)
+    single = nn.Linear(x.shape[1], len(GRADED_OUTPUTS))
+    optimizer = torch.optim.Adam(single.parameters(), lr=rate)
+    for _ in range(epochs):
+        optimizer.zero_grad()
+        nn.functional.binary_cross_entropy_with_logits(single(x), labels["R1S1"].float()).backward()
+        optimizer.step()
+    with torch.no_grad():
+        consensus = annotators(torch.sigmoid(network(x_test)))[INFERENCE_NODE].numpy()
+        single_reader = torch.sigmoid(single(x_test)).numpy()
+    torch.set_num_threads(threads)
+    return annotators, truth_test, consensus, single_reader
+
+
+def test_learned_annotator_matrices_recover_the_simulated_readers_confusion(multi_reader_fit):
+    annotators = multi_reader_fit[0]
+    errors, assumed_perfect = [], []
+    with torch.no_grad():
+        for reader in READERS:
+            miss, false_call = confusion_arrays(reader)
+            for session in SESSIONS:
+                matrix = annotators.composed_matrix(reader + session).numpy()  # base -> this reading
+                errors += [np.abs(matrix[:, 1, 0] - false_call), np.abs(matrix[:, 0, 1] - miss)]
+                assumed_perfect += [false_call, miss]
+    error = float(np.mean(errors))
+    true_rates = np.concatenate(assumed_perfect)
+    chance = float(np.abs(np.random.default_rng(1).random((2000, true_rates.size)) - true_rates).mean())
+    print(f"confusion recovery: mean |error| {error:.3f}, chance {chance:.3f}, identity {true_rates.mean():.3f}")
+    assert error < chance / 4
+    assert error < true_rates.mean() / 2  # better than assuming perfect readers
+    # reader-specific: R1 misses erosions more than R2, R2 misses edema more than R1 (as simulated)
+    erosion, edema = GRADED_OUTPUTS.index("erosion_upper_ilium"), GRADED_OUTPUTS.index("edema_upper_ilium")
+    with torch.no_grad():
+        r1, r2 = annotators.composed_matrix("R1S1").numpy(), annotators.composed_matrix("R2S1").numpy()
+    assert r1[erosion, 0, 1] > r2[erosion, 0, 1] and r2[edema, 0, 1] > r1[edema, 0, 1]
+
+
+def test_consensus_output_beats_training_on_one_readers_labels(multi_reader_fit):
+    _, truth, consensus, single_reader = multi_reader_fit
+    consensus_auc, consensus_balanced = _scores(truth, consensus)
+    single_auc, single_balanced = _scores(truth, single_reader)
+    print(f"AUC {consensus_auc:.3f} vs {single_auc:.3f}; balanced accuracy {consensus_balanced:.3f} vs {single_balanced:.3f}")
+    assert consensus_auc > single_auc + 0.01
+    assert consensus_balanced > single_balanced + 0.03
+    assert BASE in PAPER_HIERARCHY.values()
