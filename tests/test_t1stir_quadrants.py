@@ -18,6 +18,16 @@ from pipeline.evaluation import auc, threshold_metrics
 from pipeline.phantom.readers import GRADED_OUTPUTS, READERS, SESSIONS, confusion_arrays, simulate_readings
 from pipeline.phantom.seeding import rng_for
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Small tensors: more threads only contend with the other test processes on the shared CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------- annotator matrices
 
 
@@ -80,8 +90,6 @@ def _scores(truth: np.ndarray, probability: np.ndarray) -> tuple[float, float]:
 @pytest.fixture(scope="module")
 def multi_reader_fit():
     """A linear network trained on all nine label sets through the hierarchy, and one trained on R1S1 alone."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: threads only contend on the shared CPUs
     torch.manual_seed(0)
     x, labels, x_test, truth_test = _synthetic_reads(cases=600, features=32, seed=0)
     epochs, rate = 200, 0.05
@@ -101,7 +109,6 @@ def multi_reader_fit():
     with torch.no_grad():
         consensus = annotators(torch.sigmoid(network(x_test)))[INFERENCE_NODE].numpy()
         single_reader = torch.sigmoid(single(x_test)).numpy()
-    torch.set_num_threads(threads)
     return annotators, truth_test, consensus, single_reader
 
 
@@ -136,3 +143,46 @@ def test_consensus_output_beats_training_on_one_readers_labels(multi_reader_fit)
     assert consensus_auc > single_auc + 0.01
     assert consensus_balanced > single_balanced + 0.03
     assert BASE in PAPER_HIERARCHY.values()
+
+
+# ---------------------------------------------------------------- networks at the published sizes
+
+
+def test_networks_at_published_sizes_and_shapes():
+    from pipeline.chains.t1stir_quadrants.model import (
+        CONTOUR_CHANNELS,
+        REFERENCE_PARAMETERS,
+        SEED_HYPERPARAMETERS,
+        build_models,
+    )
+    from pipeline.training import count_parameters
+
+    unet, classifier = build_models(SEED_HYPERPARAMETERS)
+    assert count_parameters(unet) == REFERENCE_PARAMETERS["contour_unet"] == 31_112_520
+    assert count_parameters(classifier.encoder) == REFERENCE_PARAMETERS["lesion_encoder"] == 21_278_400
+    assert count_parameters(classifier) == REFERENCE_PARAMETERS["lesion_classifier"]
+    assert len(classifier.heads) == len(GRADED_OUTPUTS) == 14
+    assert CONTOUR_CHANNELS == (
+        "left_start", "left_end", "left_uvf_x", "left_uvf_y", "right_start", "right_end", "right_uvf_x", "right_uvf_y"
+    )
+    assert not hasattr(classifier, "stir_encoder")  # one encoder, shared by T1 and STIR
+    # shapes through the same modules, narrowed so the shared CPUs are spared a 31 M forward pass
+    unet, classifier = build_models({**SEED_HYPERPARAMETERS, "unet_features": [4, 4, 8, 8, 16, 4], "widen_factor": 0.125})
+    with torch.no_grad():
+        assert unet.eval()(torch.zeros(1, 1, 224, 224)).shape == (1, 8, 224, 224)
+        # T1 and STIR regions may have different slice counts
+        logits = classifier.eval()(torch.randn(3, 1, 112, 112), torch.randn(5, 1, 112, 112))
+    assert logits.shape == (1, 14)
+
+
+def test_hyperparameters_are_checked():
+    from pipeline.chains.t1stir_quadrants.model import Hyperparameters
+
+    with pytest.raises(ValueError, match="resnet34"):
+        Hyperparameters.from_mapping({"encoder": "resnet18"})
+    with pytest.raises(ValueError, match="unknown"):
+        Hyperparameters.from_mapping({"depth": 3})
+    with pytest.raises(ValueError, match="multiple of 16"):
+        Hyperparameters.from_mapping({"contour_size": 100})
+    narrow = Hyperparameters.from_mapping({"unet_features": [8, 8, 16, 32, 64, 8], "widen_factor": 0.125})
+    assert narrow.unet_features == (8, 8, 16, 32, 64, 8) and Hyperparameters.from_mapping(narrow.as_dict()) == narrow

@@ -4,7 +4,10 @@ Built so far (the chain is not registered in config.yaml yet):
 
 * :mod:`.annotators` -- annotator matrices in the paper's hierarchy (consensus R1R2 ->
   intra-reader consensus R1, R2 -> read sessions), cross-entropy plus trace penalty
-  (Tanno et al. 2019), for any number of binary outputs.
+  (Tanno et al. 2019), for any number of binary outputs;
+* :mod:`.model` -- the contouring U-Net (8 channels: per patient side start / end heatmaps and
+  the unit vector field) and the lesion classifier (shared ResNet-34 over T1 and STIR, 14
+  heads per joint) at the published sizes; the input layout (2-D slices, max over slices).
 
 Torch is imported by the submodules only, so importing this package costs nothing.
 """
