@@ -186,3 +186,118 @@ def test_hyperparameters_are_checked():
         Hyperparameters.from_mapping({"contour_size": 100})
     narrow = Hyperparameters.from_mapping({"unet_features": [8, 8, 16, 32, 64, 8], "widen_factor": 0.125})
     assert narrow.unet_features == (8, 8, 16, 32, 64, 8) and Hyperparameters.from_mapping(narrow.as_dict()) == narrow
+
+
+# ---------------------------------------------------------------- contouring targets and extraction
+
+
+@pytest.fixture(scope="module")
+def coronal_t1():
+    """A phantom's coronal T1: its joint-line masks and geometry."""
+    from pipeline.phantom import generate_study
+
+    study = generate_study(11, kinds=("mri",), lesions="none")
+    (t1,) = [series for series in study.series if series.info.role == "T1"]
+    return study.masks["T1_joint_line"], t1.datasets
+
+
+def _ground_truth_polylines(line: np.ndarray, dataset, frame) -> dict:
+    from pipeline.chains.t1stir_quadrants.preprocess import superior_direction
+    from pipeline.chains.t1stir_quadrants.targets import polyline_from_mask
+    from pipeline.phantom import JOINT_LINE_LABELS
+
+    up = superior_direction(dataset.ImageOrientationPatient, dataset.PixelSpacing)
+    polylines = {}
+    for side in ("left", "right"):
+        vertices = polyline_from_mask(line == JOINT_LINE_LABELS[side], up)
+        polylines[side] = None if vertices is None else frame.to_grid(vertices)
+    return polylines
+
+
+def test_square_frame_maps_points_as_the_image_is_resampled():
+    from pipeline.chains.t1stir_quadrants.preprocess import SquareFrame
+
+    frame = SquareFrame(208, 256)
+    image = np.zeros((208, 256), dtype=np.float32)
+    image[60:64, 200:204] = 1.0  # a blob centred at (61.5, 201.5)
+    grid = frame.image(image)[0].numpy()
+    assert grid.shape == (224, 224)
+    rows, cols = np.mgrid[:224, :224]
+    weights = np.clip(grid, 0, None)
+    centroid = np.array([(rows * weights).sum(), (cols * weights).sum()]) / weights.sum()
+    np.testing.assert_allclose(centroid, frame.to_grid([61.5, 201.5]), atol=0.1)
+    np.testing.assert_allclose(frame.to_source(frame.to_grid([[3.0, 250.0]])), [[3.0, 250.0]])
+    assert frame.grid_spacing_mm([0.8, 0.8]) == pytest.approx((0.8 * 256 / 224, 0.8 * 256 / 224))
+
+
+def test_contours_walked_on_ground_truth_fields_match_the_phantom_joint_lines(coronal_t1):
+    from pipeline.chains.t1stir_quadrants.contour import contour_rms_mm, trace_contour
+    from pipeline.chains.t1stir_quadrants.preprocess import SquareFrame
+    from pipeline.chains.t1stir_quadrants.targets import contour_targets
+
+    lines, datasets = coronal_t1
+    frame = SquareFrame(*lines.shape[1:])
+    spacing = frame.grid_spacing_mm(datasets[0].PixelSpacing)
+    errors, coverage, noisy_errors = [], [], []
+    rng = np.random.default_rng(0)
+    for index, dataset in enumerate(datasets):
+        polylines = _ground_truth_polylines(lines[index], dataset, frame)
+        targets = contour_targets(polylines, (224, 224))
+        for j, side in enumerate(("left", "right")):
+            truth = polylines[side]
+            if truth is None:
+                assert not targets[4 * j : 4 * j + 4].any()
+                assert trace_contour(*targets[4 * j : 4 * j + 4]).failure == "no start"
+                continue
+            walk = trace_contour(*targets[4 * j : 4 * j + 4])
+            assert walk.ok, (index, side, walk.failure)
+            errors.append(contour_rms_mm(walk.vertices, truth, spacing))
+            coverage.append(contour_rms_mm(truth, walk.vertices, spacing))  # the whole joint, not a piece
+            noisy = targets[4 * j : 4 * j + 4] + rng.normal(0, 0.15, size=(4, 224, 224)).astype(np.float32)
+            noisy_walk = trace_contour(*noisy)
+            assert noisy_walk.ok, (index, side, noisy_walk.failure)
+            noisy_errors.append(contour_rms_mm(noisy_walk.vertices, truth, spacing))
+    assert len(errors) >= 20
+    p95, noisy_p95 = np.percentile(errors, 95), np.percentile(noisy_errors, 95)
+    print(f"contour RMS error on ground-truth fields: 95% below {p95:.2f} mm (noisy field {noisy_p95:.2f} mm)")
+    assert p95 < 0.5 and max(coverage) < 0.5  # the paper's learnt fields: 95% below 2.76 mm
+    assert noisy_p95 < 2.76
+
+
+def test_walk_failure_rules():
+    from pipeline.chains.t1stir_quadrants.contour import trace_contour
+    from pipeline.chains.t1stir_quadrants.targets import contour_targets
+
+    vertices = np.stack([np.linspace(40, 120, 50), np.full(50, 80.0)], axis=1)
+    targets = contour_targets({"left": vertices, "right": None}, (224, 224))
+    start, end, x, y = targets[:4]
+    assert trace_contour(start, end, x, y).ok
+    assert trace_contour(np.zeros_like(start), end, x, y).failure == "no start"
+    assert trace_contour(start, np.zeros_like(end), x, y).failure == "no end"
+    assert trace_contour(start, end, np.zeros_like(x), np.zeros_like(y)).failure == "weak field"
+    assert trace_contour(start, end, -x, -y).failure in ("left the image", "too long")
+    sideways = np.ones_like(x)  # a field that never turns to the end
+    assert trace_contour(start, end, sideways, np.zeros_like(y)).failure == "left the image"
+
+
+def test_left_right_flip_swaps_the_joint_channels(coronal_t1):
+    from pipeline.chains.t1stir_quadrants.preprocess import SquareFrame
+    from pipeline.chains.t1stir_quadrants.targets import contour_targets, flip_left_right
+
+    lines, datasets = coronal_t1
+    frame = SquareFrame(*lines.shape[1:])
+    index = len(datasets) // 2
+    polylines = _ground_truth_polylines(lines[index], datasets[index], frame)
+    targets = contour_targets(polylines, (224, 224))
+    image = np.arange(224 * 224, dtype=np.float32).reshape(224, 224)
+    flipped_image, flipped = flip_left_right(image, targets)
+    mirror = lambda v: np.stack([v[:, 0], 223 - v[:, 1]], axis=1)  # noqa: E731
+    expected = contour_targets({"left": mirror(polylines["right"]), "right": mirror(polylines["left"])}, (224, 224))
+    assert np.array_equal(flipped_image, image[:, ::-1])
+    np.testing.assert_allclose(flipped[[0, 1, 4, 5]], expected[[0, 1, 4, 5]], atol=1e-5)
+    agree = np.isclose(flipped, expected, atol=1e-4).mean()
+    assert agree > 0.999  # the field, but for nearest-point ties
+    # the patient's left joint is on the image's right in this geometry, and the flip moves its channels' mass left
+    left_heat = targets[0]
+    assert np.unravel_index(left_heat.argmax(), left_heat.shape)[1] > 112
+    assert np.unravel_index(flipped[4].argmax(), left_heat.shape)[1] < 112

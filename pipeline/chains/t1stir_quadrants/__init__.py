@@ -7,7 +7,13 @@ Built so far (the chain is not registered in config.yaml yet):
   (Tanno et al. 2019), for any number of binary outputs;
 * :mod:`.model` -- the contouring U-Net (8 channels: per patient side start / end heatmaps and
   the unit vector field) and the lesion classifier (shared ResNet-34 over T1 and STIR, 14
-  heads per joint) at the published sizes; the input layout (2-D slices, max over slices).
+  heads per joint) at the published sizes; the input layout (2-D slices, max over slices);
+* :mod:`.preprocess` -- zero-pad to square and bicubic 224 x 224, the same mapping for points
+  (:class:`~.preprocess.SquareFrame`); the patient's superior direction from the geometry;
+* :mod:`.targets` -- joint polylines from joint-line masks (cranial start, caudal end),
+  start / end Gaussian heatmaps, unit vector fields, the left/right flip that swaps joints;
+* :mod:`.contour` -- walking the field from the start peak to the end peak (documented step,
+  stop and failure rules) and the paper's contour RMS error in mm.
 
 Torch is imported by the submodules only, so importing this package costs nothing.
 """

@@ -1,0 +1,77 @@
+"""The paper's contouring preprocessing: zero-pad each coronal slice to a square, resample bicubically to 224 x 224.
+
+:class:`SquareFrame` is the same mapping for coordinates, so contours drawn in the source
+pixels (phantom joint lines, readers' landmarks) land where the resampled image shows them,
+and contours found on the 224 grid go back to source pixels and millimetres.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class SquareFrame:
+    """Source (rows, cols) -> symmetric zero padding to ``side`` x ``side`` -> resampling to ``size`` x ``size``.
+
+    Coordinates are (row, column) pixel centres.  The resampling follows torch's
+    ``align_corners=False`` convention, as MONAI's ``Resize`` uses it.
+    """
+
+    rows: int
+    cols: int
+    size: int = 224
+
+    @property
+    def side(self) -> int:
+        return max(self.rows, self.cols)
+
+    @property
+    def pad_before(self) -> tuple[int, int]:
+        return (self.side - self.rows) // 2, (self.side - self.cols) // 2
+
+    @property
+    def scale(self) -> float:
+        """Grid pixels per source pixel."""
+        return self.size / self.side
+
+    def to_grid(self, points: np.ndarray) -> np.ndarray:
+        """Source (row, col) points (..., 2) -> grid points."""
+        return (np.asarray(points, dtype=float) + np.array(self.pad_before) + 0.5) * self.scale - 0.5
+
+    def to_source(self, points: np.ndarray) -> np.ndarray:
+        """Grid (row, col) points (..., 2) -> source points."""
+        return (np.asarray(points, dtype=float) + 0.5) / self.scale - 0.5 - np.array(self.pad_before)
+
+    def grid_spacing_mm(self, pixel_spacing: Sequence[float]) -> tuple[float, float]:
+        """Millimetres per grid pixel along (rows, cols) from the source PixelSpacing (row, col)."""
+        return float(pixel_spacing[0]) / self.scale, float(pixel_spacing[1]) / self.scale
+
+    def image(self, pixels: np.ndarray) -> torch.Tensor:
+        """A source slice (rows, cols) -> the network input (1, size, size), float32, bicubic."""
+        from monai.transforms import Compose, Resize, SpatialPad
+
+        transform = Compose(
+            [SpatialPad((self.side, self.side), method="symmetric"), Resize((self.size, self.size), mode="bicubic")]
+        )
+        return torch.as_tensor(transform(np.asarray(pixels, dtype=np.float32)[None]), dtype=torch.float32)
+
+
+def superior_direction(image_orientation: Sequence[float], pixel_spacing: Sequence[float]) -> np.ndarray:
+    """The in-plane direction (d_row, d_col), unit length in pixels, towards the patient's head (LPS +z).
+
+    From ImageOrientationPatient: the first triple is the direction of increasing column, the
+    second that of increasing row.
+    """
+    orientation = np.asarray(image_orientation, dtype=float)
+    rise_per_row = orientation[5] * float(pixel_spacing[0])
+    rise_per_col = orientation[2] * float(pixel_spacing[1])
+    direction = np.array([rise_per_row, rise_per_col])
+    norm = np.linalg.norm(direction)
+    if norm < 1e-6:
+        raise ValueError("the image plane does not contain the head-foot axis (not a coronal or sagittal slice)")
+    return direction / norm
