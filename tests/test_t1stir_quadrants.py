@@ -301,3 +301,84 @@ def test_left_right_flip_swaps_the_joint_channels(coronal_t1):
     left_heat = targets[0]
     assert np.unravel_index(left_heat.argmax(), left_heat.shape)[1] > 112
     assert np.unravel_index(flipped[4].argmax(), left_heat.shape)[1] < 112
+
+
+# ---------------------------------------------------------------- regions and quadrants
+
+QUADRANT_SPEC = {
+    "lesions": [
+        {"type": "edema", "side": "left", "quadrant": "upper_ilium", "severity": "severe"},
+        {"type": "fat", "side": "right", "quadrant": "lower_sacrum", "severity": "severe"},
+    ]
+}
+
+
+def test_quadrants_put_phantom_bone_and_lesions_on_their_side_and_quadrant():
+    from pipeline.chains.t1stir_quadrants.preprocess import SquareFrame, patient_left_direction, superior_direction
+    from pipeline.chains.t1stir_quadrants.regions import joint_regions
+    from pipeline.phantom import ANATOMY_LABELS, SIDES, generate_study
+
+    study = generate_study(12, kinds=("mri",), lesions=QUADRANT_SPEC)
+    (stir,) = [series for series in study.series if series.info.role == "STIR"]
+    first = stir.datasets[0]
+    lines = study.masks["STIR_joint_line"]
+    frame = SquareFrame(*lines.shape[1:])
+    contours = [_ground_truth_polylines(lines[i], first, frame) for i in range(len(lines))]
+    up = superior_direction(first.ImageOrientationPatient, first.PixelSpacing)
+    regions = joint_regions(contours, up, patient_left_direction(first.ImageOrientationPatient, first.PixelSpacing))
+    # levelled: the mean left-right line through the joints' upper and lower points is horizontal
+    found = {side: [c[side] for c in contours if c[side] is not None] for side in SIDES}
+    upper = {side: regions.level(np.mean([v[0] for v in found[side]], axis=0)) for side in SIDES}
+    lower = {side: regions.level(np.mean([v[-1] for v in found[side]], axis=0)) for side in SIDES}
+    slope = sum((e["left"][0] - e["right"][0]) / (e["left"][1] - e["right"][1]) for e in (upper, lower))
+    assert abs(slope) < 1e-6
+    source = np.stack(np.mgrid[: lines.shape[1], : lines.shape[2]], axis=-1).reshape(-1, 2)
+    grid = frame.to_grid(source)
+    wanted = {"edema": (SIDES.index("left"), 0), "fat": (SIDES.index("right"), 3)}  # upper ilium / lower sacrum
+    lesion_hits = {kind: [0, 0, 0] for kind in wanted}  # pixels, inside a box, in the right quadrant
+    bone = {"ilium": [0, 0], "sacrum": [0, 0]}
+    for index in range(len(lines)):
+        assigned = regions.quadrant_of(index, grid)
+        for record in study.ground_truth["lesions"]:
+            hit = ((study.masks["STIR_lesions"][index].ravel() >> record["mask_bit"]) & 1).astype(bool)
+            side, quadrant = wanted[record["type"]]
+            counts = lesion_hits[record["type"]]
+            counts[0] += hit.sum()
+            counts[1] += (assigned[hit, 0] >= 0).sum()
+            counts[2] += ((assigned[hit, 0] == side) & (assigned[hit, 1] == quadrant)).sum()
+        anatomy = study.masks["STIR_anatomy"][index].ravel()
+        for s, side in enumerate(SIDES):
+            for name, label, ilium in (("ilium", f"{side}_ilium", True), ("sacrum", "sacrum", False)):
+                here = (anatomy == ANATOMY_LABELS[label]) & (assigned[:, 0] == s)
+                bone[name][0] += here.sum()
+                bone[name][1] += (np.isin(assigned[here, 1], [0, 1]) == ilium).sum()
+    print(f"lesion pixels [all, in a box, in their quadrant]: {lesion_hits}; bone [in boxes, on its side]: {bone}")
+    for total, inside, right in lesion_hits.values():
+        assert inside > 0.2 * total and right == inside
+    assert bone["sacrum"][1] > 0.95 * bone["sacrum"][0] and bone["ilium"][1] > 0.8 * bone["ilium"][0]
+
+
+@pytest.mark.parametrize("turn_deg", [0.0, 25.0, 180.0])
+def test_quadrants_follow_the_patient_not_the_image_orientation(turn_deg):
+    from pipeline.chains.t1stir_quadrants.regions import RegionError, joint_regions
+
+    # upright reference: head up (-row), patient left towards larger columns, joints slanting outwards downwards
+    left = np.stack([np.linspace(80, 130, 30), np.linspace(140, 150, 30)], axis=1)
+    right = np.stack([np.linspace(80, 130, 30), np.linspace(84, 74, 30)], axis=1)
+    probes = {  # (point, side index, quadrant index)
+        "left upper ilium": (np.array([90.0, 150.0]), 0, 0),
+        "left lower sacrum": (np.array([125.0, 140.0]), 0, 3),
+        "right upper sacrum": (np.array([90.0, 83.5]), 1, 2),
+        "right lower ilium": (np.array([125.0, 74.3]), 1, 1),
+    }
+    angle = np.radians(turn_deg)
+    turn = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    centre = np.full(2, 111.5)
+    move = lambda p: (np.asarray(p) - centre) @ turn.T + centre  # noqa: E731
+    contours = [{"left": move(left), "right": move(right)}] * 3
+    regions = joint_regions(contours, turn @ np.array([-1.0, 0.0]), turn @ np.array([0.0, 1.0]))
+    for name, (point, side, quadrant) in probes.items():
+        assert regions.quadrant_of(1, move(point)[None]).tolist() == [[side, quadrant]], name
+    assert regions.quadrant_of(0, move(np.array([100.0, 112.0]))[None]).tolist() == [[-1, -1]]  # between the joints
+    with pytest.raises(RegionError, match="right"):
+        joint_regions([{"left": left, "right": None}], np.array([-1.0, 0.0]), np.array([0.0, 1.0]))

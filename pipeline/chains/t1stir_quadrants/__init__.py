@@ -13,7 +13,9 @@ Built so far (the chain is not registered in config.yaml yet):
 * :mod:`.targets` -- joint polylines from joint-line masks (cranial start, caudal end),
   start / end Gaussian heatmaps, unit vector fields, the left/right flip that swaps joints;
 * :mod:`.contour` -- walking the field from the start peak to the end peak (documented step,
-  stop and failure rules) and the paper's contour RMS error in mm.
+  stop and failure rules) and the paper's contour RMS error in mm;
+* :mod:`.regions` -- levelling rotation from the joints' upper / lower points, one static box
+  per joint, quadrants (upper / lower by mid-height, ilium / sacrum by the joint line).
 
 Torch is imported by the submodules only, so importing this package costs nothing.
 """

@@ -61,17 +61,25 @@ class SquareFrame:
         return torch.as_tensor(transform(np.asarray(pixels, dtype=np.float32)[None]), dtype=torch.float32)
 
 
-def superior_direction(image_orientation: Sequence[float], pixel_spacing: Sequence[float]) -> np.ndarray:
-    """The in-plane direction (d_row, d_col), unit length in pixels, towards the patient's head (LPS +z).
+def in_plane_direction(image_orientation: Sequence[float], pixel_spacing: Sequence[float], lps_axis: int) -> np.ndarray:
+    """The in-plane direction (d_row, d_col), unit length in pixels, along which patient coordinate ``lps_axis`` grows fastest.
 
     From ImageOrientationPatient: the first triple is the direction of increasing column, the
-    second that of increasing row.
+    second that of increasing row.  Axis 0 is the patient's left, 2 the head.
     """
     orientation = np.asarray(image_orientation, dtype=float)
-    rise_per_row = orientation[5] * float(pixel_spacing[0])
-    rise_per_col = orientation[2] * float(pixel_spacing[1])
-    direction = np.array([rise_per_row, rise_per_col])
+    direction = np.array([orientation[3 + lps_axis] * float(pixel_spacing[0]), orientation[lps_axis] * float(pixel_spacing[1])])
     norm = np.linalg.norm(direction)
     if norm < 1e-6:
-        raise ValueError("the image plane does not contain the head-foot axis (not a coronal or sagittal slice)")
+        raise ValueError(f"the image plane does not contain patient axis {'LPS'[lps_axis]}")
     return direction / norm
+
+
+def superior_direction(image_orientation: Sequence[float], pixel_spacing: Sequence[float]) -> np.ndarray:
+    """Towards the patient's head (LPS +z) in (d_row, d_col) pixels."""
+    return in_plane_direction(image_orientation, pixel_spacing, 2)
+
+
+def patient_left_direction(image_orientation: Sequence[float], pixel_spacing: Sequence[float]) -> np.ndarray:
+    """Towards the patient's left (LPS +x) in (d_row, d_col) pixels."""
+    return in_plane_direction(image_orientation, pixel_spacing, 0)
