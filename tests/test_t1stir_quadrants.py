@@ -382,3 +382,37 @@ def test_quadrants_follow_the_patient_not_the_image_orientation(turn_deg):
     assert regions.quadrant_of(0, move(np.array([100.0, 112.0]))[None]).tolist() == [[-1, -1]]  # between the joints
     with pytest.raises(RegionError, match="right"):
         joint_regions([{"left": left, "right": None}], np.array([-1.0, 0.0]), np.array([0.0, 1.0]))
+
+
+@pytest.mark.parametrize(
+    "orientation",
+    [
+        (1, 0, 0, 0, 0.6, -0.8),  # the phantom's semicoronal: already canonical
+        (-1, 0, 0, 0, 0, -1),  # columns run to the patient's right
+        (1, 0, 0, 0, 0, 1),  # rows run to the head (upside down)
+        (0, 0, -1, 1, 0, 0),  # transposed: columns run to the feet, rows to the left
+        (0, 0.6, 0.8, -1, 0, 0),  # transposed and both reversed
+    ],
+)
+def test_canonical_orientation_puts_head_up_and_patient_left_on_image_right(orientation):
+    from pipeline.chains.t1stir_quadrants.preprocess import CanonicalOrientation
+
+    along_cols, along_rows = np.array(orientation[:3], float), np.array(orientation[3:], float)
+    shape = (40, 60)
+
+    def lps(points):  # source (row, col) -> patient coordinates, as ImagePositionPatient + IOP define them
+        points = np.asarray(points, float)
+        return points[..., :1] * along_rows + points[..., 1:] * along_cols
+
+    canonical = CanonicalOrientation.from_geometry(orientation, shape)
+    origin = canonical.to_source(np.array([[10.0, 10.0]]))
+    down = canonical.to_source(np.array([[11.0, 10.0]]))
+    right = canonical.to_source(np.array([[10.0, 11.0]]))
+    assert (lps(down) - lps(origin))[0, 2] < 0  # next canonical row is towards the feet
+    assert (lps(right) - lps(origin))[0, 0] > 0  # next canonical column is towards the patient's left
+    marker = np.zeros(shape)
+    marker[7, 51] = 1
+    moved = canonical.image(marker)
+    assert moved.shape == canonical.shape
+    assert tuple(np.argwhere(moved)[0]) == tuple(canonical.to_canonical([7.0, 51.0]).astype(int))
+    np.testing.assert_allclose(canonical.to_source(canonical.to_canonical([[7.0, 51.0]])), [[7.0, 51.0]])

@@ -1,5 +1,9 @@
 """The paper's contouring preprocessing: zero-pad each coronal slice to a square, resample bicubically to 224 x 224.
 
+Before that, :class:`CanonicalOrientation` turns every slice head up with the patient's left
+on the image's right (from ImageOrientationPatient, never the image's own side), so the
+network's left / right channels mean the patient's sides.
+
 :class:`SquareFrame` is the same mapping for coordinates, so contours drawn in the source
 pixels (phantom joint lines, readers' landmarks) land where the resampled image shows them,
 and contours found on the 224 grid go back to source pixels and millimetres.
@@ -83,3 +87,64 @@ def superior_direction(image_orientation: Sequence[float], pixel_spacing: Sequen
 def patient_left_direction(image_orientation: Sequence[float], pixel_spacing: Sequence[float]) -> np.ndarray:
     """Towards the patient's left (LPS +x) in (d_row, d_col) pixels."""
     return in_plane_direction(image_orientation, pixel_spacing, 0)
+
+
+@dataclass(frozen=True)
+class CanonicalOrientation:
+    """Transpose / flips that put a coronal slice head up and the patient's left on the image's right.
+
+    The network sees every slice this way, whatever the acquisition's orientation, so its
+    "left" channels are the patient's left by construction (the radiological convention).
+    ``to_source`` maps points back for outputs drawn on the source image.
+    """
+
+    transpose: bool
+    flip_rows: bool
+    flip_cols: bool
+    source_shape: tuple[int, int]
+
+    @classmethod
+    def from_geometry(cls, image_orientation: Sequence[float], shape: tuple[int, int]) -> CanonicalOrientation:
+        orientation = np.asarray(image_orientation, dtype=float)
+        along_cols, along_rows = orientation[:3], orientation[3:]
+        transpose = abs(along_rows[0]) > abs(along_cols[0])  # rows, not columns, run left-right
+        if transpose:
+            along_cols, along_rows = along_rows, along_cols
+        if abs(along_rows[2]) < 1e-3:
+            raise ValueError("the slice does not contain the head-foot axis: not a coronal slice")
+        return cls(transpose, flip_rows=bool(along_rows[2] > 0), flip_cols=bool(along_cols[0] < 0), source_shape=tuple(shape))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        rows, cols = self.source_shape
+        return (cols, rows) if self.transpose else (rows, cols)
+
+    def image(self, pixels: np.ndarray) -> np.ndarray:
+        """Source pixels (..., rows, cols) -> canonical pixels."""
+        out = np.swapaxes(pixels, -1, -2) if self.transpose else pixels
+        if self.flip_rows:
+            out = out[..., ::-1, :]
+        if self.flip_cols:
+            out = out[..., ::-1]
+        return np.ascontiguousarray(out)
+
+    def to_canonical(self, points: np.ndarray) -> np.ndarray:
+        """Source (row, col) points (..., 2) -> canonical points."""
+        p = np.asarray(points, dtype=float)
+        p = p[..., ::-1] if self.transpose else p.copy()
+        rows, cols = self.shape
+        if self.flip_rows:
+            p[..., 0] = rows - 1 - p[..., 0]
+        if self.flip_cols:
+            p[..., 1] = cols - 1 - p[..., 1]
+        return p
+
+    def to_source(self, points: np.ndarray) -> np.ndarray:
+        """Canonical (row, col) points (..., 2) -> source points."""
+        p = np.asarray(points, dtype=float).copy()
+        rows, cols = self.shape
+        if self.flip_rows:
+            p[..., 0] = rows - 1 - p[..., 0]
+        if self.flip_cols:
+            p[..., 1] = cols - 1 - p[..., 1]
+        return p[..., ::-1].copy() if self.transpose else p
