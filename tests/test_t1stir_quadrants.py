@@ -313,12 +313,19 @@ QUADRANT_SPEC = {
 }
 
 
-def test_quadrants_put_phantom_bone_and_lesions_on_their_side_and_quadrant():
+@pytest.fixture(scope="module")
+def quadrant_study():
+    from pipeline.phantom import generate_study
+
+    return generate_study(12, kinds=("mri",), lesions=QUADRANT_SPEC)
+
+
+def test_quadrants_put_phantom_bone_and_lesions_on_their_side_and_quadrant(quadrant_study):
     from pipeline.chains.t1stir_quadrants.preprocess import SquareFrame, patient_left_direction, superior_direction
     from pipeline.chains.t1stir_quadrants.regions import joint_regions
-    from pipeline.phantom import ANATOMY_LABELS, SIDES, generate_study
+    from pipeline.phantom import ANATOMY_LABELS, SIDES
 
-    study = generate_study(12, kinds=("mri",), lesions=QUADRANT_SPEC)
+    study = quadrant_study
     (stir,) = [series for series in study.series if series.info.role == "STIR"]
     first = stir.datasets[0]
     lines = study.masks["STIR_joint_line"]
@@ -416,3 +423,48 @@ def test_canonical_orientation_puts_head_up_and_patient_left_on_image_right(orie
     assert moved.shape == canonical.shape
     assert tuple(np.argwhere(moved)[0]) == tuple(canonical.to_canonical([7.0, 51.0]).astype(int))
     np.testing.assert_allclose(canonical.to_source(canonical.to_canonical([[7.0, 51.0]])), [[7.0, 51.0]])
+
+
+def test_phantom_series_become_contour_samples_and_levelled_joint_crops(quadrant_study):
+    from pipeline.chains.t1stir_quadrants.data import (
+        contour_samples,
+        coronal_series,
+        crop_joint,
+        phantom_contours,
+        reader_labels,
+        series_regions,
+    )
+
+    study = quadrant_study
+    (stir,) = [series for series in study.series if series.info.role == "STIR"]
+    first = stir.datasets[0]
+    series = coronal_series("STIR", [d.pixel_array for d in stir.datasets], first.ImageOrientationPatient, first.PixelSpacing)
+    contours = phantom_contours(series, study.masks["STIR_joint_line"])
+    inputs, targets = contour_samples(series, contours)
+    assert inputs.shape == (len(stir.datasets), 1, 224, 224) and targets.shape == (len(stir.datasets), 8, 224, 224)
+    assert targets[:, 0].max() == pytest.approx(1.0, abs=0.05)  # a left start peak exists
+    left_start = np.unravel_index(targets[len(targets) // 2, 0].argmax(), (224, 224))
+    assert left_start[1] > 112  # the patient's left joint on the image's right
+    regions = series_regions(contours)
+    for record in study.ground_truth["lesions"]:
+        bits = ((study.masks["STIR_lesions"] >> record["mask_bit"]) & 1).astype(np.float32)
+        grid = np.stack([series.frame.image(series.orientation.image(b))[0].numpy() for b in bits])
+        own = crop_joint(grid, regions, record["side"], 64)
+        other = crop_joint(grid, regions, "right" if record["side"] == "left" else "left", 64)
+        assert own.sum() > 20 and other.sum() == 0
+        rows, cols = np.nonzero(own.max(axis=0) > 0.5)
+        upper = rows.mean() < 32
+        toward_image_right = cols.mean() > 32  # levelled crops keep the canonical layout
+        if record["type"] == "edema":  # left upper ilium: upper, lateral = towards the patient's left = image right
+            assert upper and toward_image_right
+        else:  # right lower sacrum: lower, medial = towards the patient's left = image right
+            assert not upper and toward_image_right
+    crops = crop_joint(series.images, regions, "left", 64)
+    assert crops.shape == (len(stir.datasets), 64, 64) and crops.std() > 0
+    labels = reader_labels(study.ground_truth["readers"], "left")
+    assert set(labels) == {"R1S1", "R1S2", "R1S3", "R2S1", "R2S2", "R2S3", "R1", "R2", "R1R2"}
+    assert all(v.shape == (14,) and set(np.unique(v)) <= {-1, 0, 1} for v in labels.values())
+    truth = study.ground_truth["readers"]["truth"]["left"]
+    used = labels["R1R2"] >= 0
+    assert sum(truth.values()) == 1 and truth["edema_upper_ilium"] == 1
+    assert used.sum() >= 10
