@@ -440,15 +440,29 @@ def cmd_train(args: argparse.Namespace, config: Config | None) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace, config: Config | None) -> int:
-    from pipeline.training import evaluate_pack
+    from pipeline.training import check_evaluation, evaluate_pack
 
+    if args.check:
+        problems = check_evaluation(Path(args.pack), Path(args.data))
+        if args.json:
+            _print_json({"reproduced": not problems, "differences": problems})
+        else:
+            for problem in problems:
+                errors.print(problem, highlight=False)
+            console.print("committed evaluation reproduced" if not problems else f"{len(problems)} differences from the committed evaluation")
+        return 1 if problems else 0
     report = evaluate_pack(Path(args.pack), Path(args.data), Path(args.out) if args.out else None)
     if args.json:
         _print_json(report)
         return 0
-    for variant, metrics in report.get("variants", {"": report.get("metrics", {})}).items():
-        rows = [[name, f"{m['value']:.3f}", f"{m['ci95_low']:.3f}–{m['ci95_high']:.3f}"] for name, m in metrics.items()]
-        console.print(_table(f"Evaluation {variant}".strip(), ["metric", "value", "95% CI (bootstrap)"], rows))
+    def shown(value: float | None) -> str:
+        return "–" if value is None else f"{value:.3f}"
+
+    for output, scored in report["outputs"].items():
+        rows = [[name, shown(m["value"]), f"{shown(m['ci95_low'])}–{shown(m['ci95_high'])}"] for name, m in scored["metrics"].items()]
+        console.print(_table(f"Evaluation: {output} (p ≥ {scored['threshold']:g})", ["metric", "value", "95% CI (bootstrap)"], rows))
+        rows = [[sub, str(r["studies"]), str(r["positives"]), shown(r["sensitivity"]), shown(r["specificity"])] for sub, r in scored["subgroups"].items()]
+        console.print(_table("Per subgroup", ["subgroup", "studies", "positive", "sensitivity", "specificity"], rows))
     for name in ("roc_png", "report"):
         if report.get(name):
             console.print(f"{name}: {report[name]}")
@@ -540,6 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("pack")
     evaluate.add_argument("--data", required=True)
     evaluate.add_argument("--out", default=None, help="report folder (default: the pack folder)")
+    evaluate.add_argument("--check", action="store_true", help="regenerate on --data (all or some held-out studies) and compare with the pack's committed evaluation.json")
     phantom = add("phantom", cmd_phantom, "write synthetic sacroiliac-joint studies with ground truth")
     phantom.add_argument("--out", required=True)
     phantom.add_argument("--seed", type=int, default=0)

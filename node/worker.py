@@ -7,7 +7,6 @@ are imported inside the worker process by ``pipeline.chains.load_chain``.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import signal
@@ -16,13 +15,13 @@ import threading
 import traceback
 from pathlib import Path
 
-from pydicom import dcmwrite
-
 from node.config import Config, load_config
 from node.logs import log_event, redact, setup_logging
+from node.summary import update_study_summary, write_results
 from pipeline.chains import Chain, RuntimeSettings, SeriesInput, StudyInputs, load_chain
 from pipeline.route import ChainSpec
 from storage.spool import Spool
+from storage.models import JobState
 from storage.store import ClaimedJob, ProducedObject, Store
 
 log = logging.getLogger("sijnode.worker")
@@ -66,6 +65,8 @@ class Worker:
             description = _describe(error)  # redacted: stored in the job and shown by `sijnode jobs`
             state = self.store.fail_job(job.id, self.name, description, settings.max_attempts)
             log_event(log, logging.ERROR, "job failed", job_id=job.id, chain=job.chain, error=description, state=state)
+            if state == JobState.FAILED:
+                self._summarise(job)
             return True
         finally:
             stop_renewing.set()
@@ -73,9 +74,17 @@ class Worker:
         destinations = [peer.name for peer in self.config.destinations]
         if self.store.finish_job(job.id, self.name, produced, destinations):
             log_event(log, logging.INFO, "job done", job_id=job.id, chain=job.chain, outputs=len(produced), destinations=destinations)
+            self._summarise(job)
         else:
             log_event(log, logging.WARNING, "job result discarded: the job was taken over", job_id=job.id)
         return True
+
+    def _summarise(self, job: ClaimedJob) -> None:
+        """The study summary, once the study's last job has ended; its failure fails no job."""
+        try:
+            update_study_summary(self.store, self.spool, self.config, job.study_uid, job.id)
+        except Exception as error:
+            log_event(log, logging.ERROR, "study summary failed", job_id=job.id, error=_describe(error))
 
     def _run(self, job: ClaimedJob) -> list[ProducedObject]:
         inputs = StudyInputs(
@@ -86,15 +95,7 @@ class Worker:
             },
             options=dict(self.spec(job.chain).options),
         )
-        datasets = self.chain(job.chain).produce(inputs)
-        produced = []
-        for dataset in datasets:
-            buffer = io.BytesIO()
-            dcmwrite(buffer, dataset, enforce_file_format=True)
-            relative = self.spool.result_path(job.study_uid, job.id, str(dataset.SOPInstanceUID))
-            self.spool.write_atomic(relative, buffer.getbuffer())
-            produced.append(ProducedObject(str(dataset.SOPInstanceUID), str(dataset.SOPClassUID), relative))
-        return produced
+        return write_results(self.spool, job.study_uid, job.id, self.chain(job.chain).produce(inputs))
 
     def _renew_lease(self, job_id: int, stop: threading.Event) -> None:
         lease = self.config.workers.lease_seconds

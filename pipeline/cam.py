@@ -1,11 +1,13 @@
 """Class-activation-map normalization shared by every chain that draws Grad-CAM.
 
 MONAI's GradCAM post-processing by default maps each map's (min, max) to (1, 0): it inverts
-the map. Chains pass ``normalize_cam`` instead, so high means evidence for the positive class.
+the map. Chains pass ``normalize_cam`` instead, so high means evidence for the positive class,
+then put the map on the shared absolute scale with ``evidence_map`` (the map times the probability).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -14,3 +16,17 @@ def normalize_cam(raw: torch.Tensor) -> torch.Tensor:
     raw = torch.nan_to_num(raw.detach().float().clamp_min(0.0))
     peak = raw.flatten(1).amax(dim=1).reshape(-1, *([1] * (raw.dim() - 1)))
     return torch.where(peak > 0, raw / peak.clamp_min(1e-12), torch.zeros_like(raw))
+
+
+def evidence_map(cam: np.ndarray, probability: float) -> np.ndarray:
+    """A chain's evidence map on the scale every heatmap shares: ``cam`` (normalised to its own
+    peak, in [0, 1]) times the probability of the finding it explains.
+
+    A map normalised to its own peak looks the same for p = 0.13 and p = 0.98: saturated red.
+    Weighted by the probability, the peak equals the probability, so on the fixed 0-1 colour
+    scale a negative study stays dim and a confident positive glows. The map's shape (where the
+    model looked) is unchanged. ``ChainResult`` refuses evidence maps that peak above the
+    findings' probability.
+    """
+    values = np.clip(np.asarray(cam, dtype=np.float32), 0.0, 1.0)
+    return (values * np.float32(min(max(probability, 0.0), 1.0))).astype(np.float32)

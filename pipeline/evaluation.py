@@ -1,15 +1,21 @@
-"""Binary classification metrics with bootstrap confidence intervals, and ROC curve plots.
+"""The shared evaluation report: binary metrics with bootstrap CIs, per-subgroup sensitivity and
+specificity, ROC plots, ``evaluation.json`` / ``EVALUATION.md`` in one schema for every chain.
 
-Shared by every chain's ``sijnode evaluate``. Hand-written because none of the allowed
+A chain's ``evaluate`` runs its model on each held-out study and hands over one
+:class:`CaseResult` per study (probability and label per output, subgroups of the case mix,
+chain-only details) and one :class:`OutputSpec` per scored output; :func:`evaluation_report`
+and :func:`write_evaluation` do the rest; :func:`compare_reports` checks a regeneration. Hand-written because none of the allowed
 libraries (MONAI has ROCAUC but no bootstrap CIs or threshold metrics) covers it, and
 scikit-learn is not a dependency.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -123,3 +129,284 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title
     figure.savefig(path)
     plt.close(figure)
     return path
+
+
+# ------------------------------------------------------------------ the evaluation report, one schema
+#: what every chain's ``sijnode evaluate`` writes into the report folder
+EVALUATION_JSON = "evaluation.json"
+EVALUATION_MD = "EVALUATION.md"
+ROC_PNG = "roc.png"
+REPORT_SCHEMA = "sijnode-evaluation/1"
+#: metrics reported for every output, each with a bootstrap CI
+METRICS = ("auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy", "f1")
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """One scored output of a chain in an evaluation.
+
+    ``label``: which of a case's labels it is scored against (default: its own name), so a
+    variant of an output (e.g. without test-time augmentation) is one more OutputSpec on the
+    same label.
+    """
+
+    name: str
+    threshold: float
+    label: str | None = None
+    description: str = ""
+
+    @property
+    def label_key(self) -> str:
+        return self.label or self.name
+
+
+@dataclass
+class CaseResult:
+    """One evaluated study: its probability and ground-truth label per output, the subgroups of
+    the case mix it belongs to (e.g. "healthy", "structural only", "joint-space widening"), and
+    whatever else the chain measured on it (``details``: Dice, crop box, ...).
+
+    ``error``: the chain did not analyse the study (it says why); its probabilities are ``None``
+    and it counts as a negative call in the metrics, as the node would report no finding.
+    """
+
+    study: str
+    probabilities: dict[str, float | None]
+    labels: dict[str, int]
+    subgroups: tuple[str, ...] = ()
+    details: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    def score(self, output: OutputSpec) -> float:
+        value = self.probabilities.get(output.name)
+        return 0.0 if value is None else float(value)
+
+    def as_dict(self, outputs: Sequence[OutputSpec]) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "study": self.study,
+            "subgroups": list(self.subgroups),
+            "outputs": {
+                o.name: {
+                    "probability": None if self.probabilities.get(o.name) is None else round(float(self.probabilities[o.name]), 6),  # type: ignore[arg-type]
+                    "label": int(self.labels[o.label_key]),
+                }
+                for o in outputs
+            },
+        }
+        if self.error:
+            row["error"] = self.error
+        return {**row, **self.details}
+
+
+def phantom_subgroups(truth: Mapping[str, Any]) -> tuple[str, ...]:
+    """The case-mix subgroups of a phantom study from its ``ground_truth.json``: one of
+    "healthy", "active only", "structural only", "active and structural", plus each joint-space
+    lesion it has ("joint-space widening", ...) -- the hard negatives of an activity chain are
+    "structural only" studies, those of a radiographic chain low mNY grades ("mNY max 1/2")."""
+    from pipeline.phantom.lesions import JOINT_LESIONS, STRUCTURAL_TYPES
+
+    types = {lesion["type"] for lesion in truth.get("lesions", [])}
+    active, structural = "edema" in types, bool(types & set(STRUCTURAL_TYPES))
+    kind = {(False, False): "healthy", (True, False): "active only", (False, True): "structural only", (True, True): "active and structural"}
+    groups = [kind[(active, structural)]]
+    groups += [f"joint-space {t}" for t in JOINT_LESIONS if t in types]
+    grades = truth.get("mny_grade") or {}
+    if grades:
+        groups.append(f"mNY max grade {max(int(grades.get('left', 0)), int(grades.get('right', 0)))}")
+    return tuple(groups)
+
+
+def subgroup_metrics(cases: Sequence[CaseResult], output: OutputSpec) -> dict[str, dict[str, Any]]:
+    """Per subgroup: studies, positives, and sensitivity / specificity at the output's threshold
+    (NaN-free: ``None`` where the subgroup has no positives or no negatives)."""
+    names = sorted({name for case in cases for name in case.subgroups})
+    table: dict[str, dict[str, Any]] = {}
+    for name in ["all", *names]:
+        members = [c for c in cases if name == "all" or name in c.subgroups]
+        labels = np.asarray([c.labels[output.label_key] for c in members], dtype=bool)
+        called = np.asarray([c.score(output) >= output.threshold for c in members], dtype=bool)
+        positives, negatives = int(labels.sum()), int((~labels).sum())
+        table[name] = {
+            "studies": len(members),
+            "positives": positives,
+            "called_positive": int(called.sum()),
+            "sensitivity": round(float((called & labels).sum()) / positives, 4) if positives else None,
+            "specificity": round(float((~called & ~labels).sum()) / negatives, 4) if negatives else None,
+        }
+    return table
+
+
+def evaluation_report(
+    cases: Sequence[CaseResult],
+    outputs: Sequence[OutputSpec],
+    *,
+    pack: Mapping[str, Any],
+    data: Mapping[str, Any],
+    seconds: float,
+    n_bootstrap: int = BOOTSTRAP_RESAMPLES,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The evaluation report as a dict (the schema of ``evaluation.json``, the same for every chain).
+
+    ``pack``: name, version, chain, weights sha256, demo; ``data``: where the studies come from
+    (folder, seeds, generator); ``extra``: chain-only summaries (e.g. segmentation Dice).
+    """
+    if not cases:
+        raise ValueError("no studies to evaluate")
+    scored: dict[str, Any] = {}
+    for output in outputs:
+        labels = np.asarray([c.labels[output.label_key] for c in cases], dtype=bool)
+        scores = np.asarray([c.score(output) for c in cases], dtype=float)
+        estimates = evaluate_binary(labels, scores, output.threshold, n_bootstrap=n_bootstrap)
+        scored[output.name] = {
+            "label": output.label_key,
+            "description": output.description,
+            "threshold": output.threshold,
+            "studies": int(labels.size),
+            "positives": int(labels.sum()),
+            "metrics": {name: {k: _finite(v) for k, v in estimates[name].as_dict().items()} for name in METRICS},
+            "subgroups": subgroup_metrics(cases, output),
+        }
+    return {
+        "schema": REPORT_SCHEMA,
+        "pack": dict(pack),
+        "data": dict(data),
+        "bootstrap": {"resamples": n_bootstrap, "interval": "percentile 95 %", "unit": "study (patient)", "seed": 0},
+        "outputs": scored,
+        "not_analysed": [{"study": c.study, "error": c.error} for c in cases if c.error],
+        "seconds": round(float(seconds), 1),
+        **dict(extra or {}),
+        "cases": [c.as_dict(outputs) for c in cases],
+    }
+
+
+def _finite(value: float) -> float | None:
+    return round(float(value), 6) if np.isfinite(value) else None
+
+
+def write_evaluation(
+    out: Path,
+    report: Mapping[str, Any],
+    cases: Sequence[CaseResult],
+    outputs: Sequence[OutputSpec],
+    *,
+    title: str,
+    notes: Sequence[str] = (),
+) -> dict[str, Path]:
+    """Write ``evaluation.json``, ``EVALUATION.md`` (the metrics, per-subgroup table and ``notes``)
+    and ``roc.png`` (one curve per output) into ``out``; returns their paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"report": out / EVALUATION_JSON, "markdown": out / EVALUATION_MD, "roc_png": out / ROC_PNG}
+    paths["report"].write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    curves = {}
+    for output in outputs:
+        labels = np.asarray([c.labels[output.label_key] for c in cases], dtype=bool)
+        curves[output.name] = (labels, np.asarray([c.score(output) for c in cases]))
+    plot_roc(curves, paths["roc_png"], title)
+    paths["markdown"].write_text(report_markdown(report, title, notes), encoding="utf-8")
+    return paths
+
+
+def report_markdown(report: Mapping[str, Any], title: str, notes: Sequence[str] = ()) -> str:
+    """``EVALUATION.md``: one metrics table per output with CIs, then sensitivity/specificity per subgroup."""
+
+    def cell(m: Mapping[str, Any]) -> str:
+        if m["value"] is None:
+            return "–"
+        low, high = m["ci95_low"], m["ci95_high"]
+        return f"{m['value']:.3f} ({low:.3f}–{high:.3f})" if low is not None and high is not None else f"{m['value']:.3f}"
+
+    def rate(value: float | None) -> str:
+        return "–" if value is None else f"{value:.2f}"
+
+    pack = report["pack"]
+    lines = [f"# {title}", "", *notes, ""] if notes else [f"# {title}", ""]
+    lines += [
+        f"Pack {pack.get('name')} {pack.get('version')} (weights sha256 `{pack.get('weights_sha256')}`); "
+        f"95 % CIs by percentile bootstrap over studies ({report['bootstrap']['resamples']} resamples).",
+        "",
+    ]
+    for name, scored in report["outputs"].items():
+        lines += [
+            f"## {name} (p ≥ {scored['threshold']:g}; {scored['studies']} studies, {scored['positives']} positive)",
+            "",
+            "| metric | value (95 % CI) |",
+            "|---|---|",
+            *(f"| {metric} | {cell(m)} |" for metric, m in scored["metrics"].items()),
+            "",
+            "| subgroup | studies | positive | called positive | sensitivity | specificity |",
+            "|---|---|---|---|---|---|",
+            *(
+                f"| {sub} | {row['studies']} | {row['positives']} | {row['called_positive']} | {rate(row['sensitivity'])} | {rate(row['specificity'])} |"
+                for sub, row in scored["subgroups"].items()
+            ),
+            "",
+        ]
+    if report.get("not_analysed"):
+        lines += ["Not analysed (counted as negative calls): " + ", ".join(f"{r['study']} ({r['error']})" for r in report["not_analysed"]), ""]
+    lines += [f"ROC curves: [{ROC_PNG}]({ROC_PNG}); per-study numbers: [{EVALUATION_JSON}]({EVALUATION_JSON}).", ""]
+    return "\n".join(lines)
+
+
+def manifest_summary(report: Mapping[str, Any], data: str) -> dict[str, Any]:
+    """The held-out evaluation as a manifest records it (``evaluation.held_out``): per output the
+    threshold and each metric's value and CI, rounded to 4 places, and the report's file name."""
+    first = next(iter(report["outputs"].values()))
+    return {
+        "data": data,
+        "studies": first["studies"],
+        "positives": first["positives"],
+        **{
+            name: {
+                "threshold": scored["threshold"],
+                **{
+                    metric: {k: (None if v is None else round(v, 4)) for k, v in m.items()}
+                    for metric, m in scored["metrics"].items()
+                },
+            }
+            for name, scored in report["outputs"].items()
+        },
+        "report": EVALUATION_JSON,
+    }
+
+
+#: how far a regenerated probability may lie from the committed one (``sijnode evaluate --check``)
+CHECK_TOLERANCE = 1e-4
+
+
+def compare_reports(
+    committed: Mapping[str, Any], regenerated: Mapping[str, Any], tolerance: float = CHECK_TOLERANCE, *, subset: bool = False
+) -> list[str]:
+    """Differences between two evaluation reports of the same pack: every case's probability
+    per output (to ``tolerance``) and decision, and, when both hold the same studies, every
+    metric's point value. ``subset``: ``regenerated`` covers only some of the committed studies
+    (a quick check); each of them must be in ``committed``. An empty list means the committed
+    numbers were regenerated (``sijnode evaluate --check``)."""
+    problems: list[str] = []
+    if committed.get("schema") != REPORT_SCHEMA:
+        return [f"the committed report is not in the {REPORT_SCHEMA} schema; regenerate it with sijnode evaluate"]
+    old_cases = {c["study"]: c for c in committed.get("cases", [])}
+    new_cases = {c["study"]: c for c in regenerated.get("cases", [])}
+    only = set(new_cases) - set(old_cases) if subset else set(old_cases) ^ set(new_cases)
+    for study in sorted(only):
+        problems.append(f"{study}: in only one of the two reports")
+    for study in sorted(set(old_cases) & set(new_cases)):
+        for name, old in old_cases[study]["outputs"].items():
+            new = new_cases[study]["outputs"].get(name)
+            if new is None:
+                problems.append(f"{study}: output {name} missing")
+                continue
+            a, b = old["probability"], new["probability"]
+            if (a is None) != (b is None) or (a is not None and abs(a - b) > tolerance):
+                problems.append(f"{study} {name}: probability {a} → {b}")
+            threshold = committed["outputs"][name]["threshold"]
+            if a is not None and b is not None and (a >= threshold) != (b >= threshold):
+                problems.append(f"{study} {name}: decision changed at threshold {threshold}")
+    if set(old_cases) == set(new_cases):
+        for name, scored in committed.get("outputs", {}).items():
+            for metric, m in scored["metrics"].items():
+                other = regenerated.get("outputs", {}).get(name, {}).get("metrics", {}).get(metric, {}).get("value")
+                if (m["value"] is None) != (other is None) or (m["value"] is not None and abs(m["value"] - other) > max(tolerance, 1e-6) * 10):
+                    problems.append(f"{name} {metric}: {m['value']} → {other}")
+    return problems

@@ -1,15 +1,28 @@
-"""Training and evaluation entry points, one per chain, behind ``sijnode train`` and ``sijnode evaluate``.
+"""The shared training harness, and the entry points behind ``sijnode train`` and ``sijnode evaluate``.
 
-Each chain's module provides ``train(data, out, *, epochs, seed, progress) -> ModelPack`` and
-``evaluate(pack, data, out) -> dict``; this registry finds it by chain name without importing
-torch until a command needs it. The helpers every trainer shares (the patient-wise split, seed ranges, the
-parameter count) live here too.
+Each chain's ``train`` module provides ``train(data, out, *, epochs, seed, progress) -> ModelPack``
+and ``evaluate(pack, data, out) -> dict``; :data:`TRAINERS` finds it by chain name without
+importing torch until a command needs it.
+
+A chain supplies only what is its own (how phantoms become tensors and labels, the loss, one
+epoch's steps); the loop is here, the same for every chain:
+
+- :func:`seed_everything`, :func:`split_by_patient` (seeded, patient-wise, stratified);
+- :func:`progress_display` (rich) and :func:`fit`: epochs, validation after each, best-epoch
+  selection (or the last epoch), early stopping, the best weights restored;
+- :func:`write_training_report`: ``training.json`` in one schema (recipe, split, each phase's
+  history and selected epoch, threads, seconds);
+- :func:`seed_ranges` and :func:`count_parameters` for manifests.
+
+The evaluation report (one schema for every chain) is :mod:`pipeline.evaluation`.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Sequence
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -18,6 +31,7 @@ import numpy as np
 from pipeline.packs import ModelPack, load_pack
 
 if TYPE_CHECKING:
+    from rich.progress import Progress
     from torch import nn
 
 T = TypeVar("T")
@@ -44,6 +58,26 @@ def evaluate_pack(pack_dir: Path, data: Path, out: Path | None = None) -> dict[s
     pack = load_pack(pack_dir)
     pack.verify()
     return _module(pack.manifest.chain).evaluate(pack, Path(data), Path(out) if out else pack.folder)
+
+
+def check_evaluation(pack_dir: Path, data: Path, tolerance: float | None = None) -> list[str]:
+    """Regenerate the pack's committed evaluation on the studies in ``data`` (all of the held-out
+    set, or a few of it) and compare: each study's probability per output to ``tolerance``
+    (default :data:`pipeline.evaluation.CHECK_TOLERANCE`) and decision, and the metrics when the
+    whole set was given. Returns the differences; none means the numbers were reproduced.
+    Behind ``sijnode evaluate PACK --data DIR --check``; the pack folder is left untouched."""
+    import tempfile
+
+    from pipeline.evaluation import CHECK_TOLERANCE, EVALUATION_JSON, compare_reports
+
+    committed_path = Path(pack_dir) / EVALUATION_JSON
+    if not committed_path.is_file():
+        return [f"{committed_path}: no committed evaluation to check against"]
+    committed = json.loads(committed_path.read_text(encoding="utf-8"))
+    with tempfile.TemporaryDirectory(prefix="sijnode-check-") as folder:
+        evaluate_pack(Path(pack_dir), Path(data), Path(folder))
+        regenerated = json.loads((Path(folder) / EVALUATION_JSON).read_text(encoding="utf-8"))
+    return compare_reports(committed, regenerated, CHECK_TOLERANCE if tolerance is None else tolerance, subset=True)
 
 
 def split_by_patient(
@@ -99,3 +133,199 @@ def seed_ranges(seeds: Sequence[int]) -> str:
 def count_parameters(module: nn.Module) -> int:
     """The number of weights in ``module`` (trainable or not)."""
     return sum(parameter.numel() for parameter in module.parameters())
+
+
+# ------------------------------------------------------------------------ the shared training loop
+#: the file every trainer writes beside its pack: recipe, split, per-phase history, selected epochs
+TRAINING_REPORT = "training.json"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (a trainer's own generators are seeded from ``seed`` too)."""
+    import random
+
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def progress_display(enabled: bool = True) -> Progress:
+    """The rich progress display every trainer uses (one bar per phase; ``enabled=False`` shows nothing)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import Progress as RichProgress
+
+    return RichProgress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+    )
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` did: one history row per epoch (epoch 0: before training, when validated),
+    the epoch whose weights the model holds afterwards, and whether early stopping ended it."""
+
+    phase: str
+    monitor: str
+    mode: str
+    selection: str
+    history: list[dict[str, Any]] = field(default_factory=list)
+    selected_epoch: int = 0
+    selected_value: float = float("nan")
+    stopped_early: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "monitor": self.monitor,
+            "mode": self.mode,
+            "selection": self.selection,
+            "selected_epoch": self.selected_epoch,
+            "selected_value": _json_float(self.selected_value),
+            "stopped_early": self.stopped_early,
+            "history": self.history,
+        }
+
+
+def _json_float(value: float) -> float | None:
+    return None if value is None or not np.isfinite(value) else round(float(value), 6)
+
+
+def _snapshot(module: nn.Module) -> dict[str, Any]:
+    return {key: value.detach().clone() for key, value in module.state_dict().items()}
+
+
+def fit(
+    model: nn.Module,
+    epochs: int,
+    train_epoch: Callable[[int], Mapping[str, float]],
+    validate: Callable[[], Mapping[str, float]],
+    *,
+    phase: str = "training",
+    monitor: str = "validation_loss",
+    mode: str = "min",
+    selection: str = "best",
+    patience: int | None = None,
+    validate_before: bool = False,
+    progress: Progress | None = None,
+) -> FitResult:
+    """Run ``epochs`` epochs of ``train_epoch(epoch)`` (1-based; returns its numbers, e.g. the mean
+    loss), each followed by ``validate()`` (returns numbers including ``monitor``).
+
+    ``selection="best"`` keeps the weights of the epoch with the best ``monitor`` (``mode`` "min"
+    or "max"; with ``validate_before`` the untrained state, epoch 0, competes too) and restores
+    them at the end; ``"last"`` keeps the last epoch. ``patience``: stop after that many epochs
+    without improvement. The chain supplies only the two callables: data, tensors, loss.
+    """
+    if mode not in ("min", "max"):
+        raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+    if selection not in ("best", "last"):
+        raise ValueError(f"selection must be 'best' or 'last', got {selection!r}")
+    if epochs < 0:
+        raise ValueError(f"epochs must not be negative, got {epochs}")
+    result = FitResult(phase=phase, monitor=monitor, mode=mode, selection=selection)
+    sign = 1.0 if mode == "min" else -1.0
+    best_value, best_state, since_best = float("inf"), None, 0
+
+    def consider(epoch: int, numbers: Mapping[str, float]) -> None:
+        nonlocal best_value, best_state, since_best
+        value = float(numbers[monitor])
+        if np.isfinite(value) and sign * value < best_value:
+            best_value, since_best = sign * value, 0
+            result.selected_epoch, result.selected_value = epoch, value
+            if selection == "best":
+                best_state = _snapshot(model)
+        else:
+            since_best += 1
+
+    if validate_before:
+        numbers = {"epoch": 0, **_rounded(validate())}
+        result.history.append(numbers)
+        consider(0, numbers)
+    task = progress.add_task(phase, total=epochs, status="") if progress is not None else None
+    for epoch in range(1, epochs + 1):
+        model.train()
+        trained = train_epoch(epoch)
+        model.eval()
+        numbers = {"epoch": epoch, **_rounded(trained), **_rounded(validate())}
+        result.history.append(numbers)
+        consider(epoch, numbers)
+        if progress is not None and task is not None:
+            status = " · ".join(f"{k} {v:.3f}" for k, v in numbers.items() if k != "epoch" and isinstance(v, float))
+            progress.update(task, advance=1, status=status)
+        if patience is not None and since_best >= patience:
+            result.stopped_early = epoch < epochs
+            break
+    if selection == "last":
+        last = result.history[-1] if result.history else {}
+        result.selected_epoch = int(last.get("epoch", 0))
+        result.selected_value = float(last.get(monitor, float("nan")))
+    elif best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return result
+
+
+def optimizer_step(optimizer: Any, loss: Any, schedule: Any = None) -> float:
+    """One gradient step on ``loss`` (and one ``schedule`` step, if given); returns the loss as a float."""
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    if schedule is not None:
+        schedule.step()
+    return float(loss.item())
+
+
+def _rounded(numbers: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: (round(float(v), 6) if isinstance(v, (float, np.floating)) else v) for k, v in numbers.items()}
+
+
+def write_training_report(
+    out: Path,
+    *,
+    chain: str,
+    seed: int,
+    seconds: float,
+    parameters: int,
+    phases: Sequence[FitResult],
+    split: Mapping[str, Sequence[str]],
+    recipe: Mapping[str, Any],
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``training.json`` (one schema for every chain) into the pack folder ``out``.
+
+    ``split``: the studies on each side ("training", "validation"); ``recipe``: every setting
+    that made the pack; ``extra``: what only this chain records (e.g. a warm-up's loss trace).
+    """
+    import torch
+
+    report = {
+        "schema": "sijnode-training/1",
+        "chain": chain,
+        "seed": seed,
+        "seconds": round(float(seconds), 1),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "parameters": parameters,
+        "recipe": dict(recipe),
+        "split": {side: list(studies) for side, studies in split.items()},
+        "phases": {phase.phase: phase.as_dict() for phase in phases},
+        **dict(extra or {}),
+    }
+    path = Path(out) / TRAINING_REPORT
+    path.write_text(json.dumps(report, indent=2, default=_json_default) + "\n", encoding="utf-8")
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, (tuple, set, frozenset)):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")

@@ -746,6 +746,39 @@ class Store:
             return list(session.scalars(select(Instance).where(Instance.study_uid == study_uid).order_by(Instance.series_uid, Instance.instance_number)))
 
 
+    # -- study summary (issue 10) -----------------------------------------------------------------
+
+    def add_study_outputs(self, job_id: int, produced: Sequence[ProducedObject], destinations: Iterable[str]) -> int:
+        """Record objects made for the job's study after the job finished (the study summary) and
+        queue their deliveries. An object already recorded (same SOP Instance UID: the same
+        summary content) is left alone. Returns how many objects were new."""
+        now = utcnow()
+        destinations = list(destinations)
+        added = 0
+        with self.session() as session, session.begin():
+            job = session.get(Job, job_id)
+            if job is None:
+                return 0
+            for item in produced:
+                if session.get(Output, item.sop_instance_uid) is not None:
+                    continue
+                self._insert_ignore(
+                    session,
+                    Output,
+                    dict(sop_instance_uid=item.sop_instance_uid, job_id=job_id, study_uid=job.study_uid,
+                         sop_class_uid=item.sop_class_uid, path=item.path, created_at=now),
+                )
+                for destination in destinations:
+                    self._insert_ignore(
+                        session,
+                        Delivery,
+                        dict(output_uid=item.sop_instance_uid, destination=destination, state=DeliveryState.PENDING,
+                             attempts=0, created_at=now, next_attempt_at=now),
+                    )
+                added += 1
+        return added
+
+
 def _series_record(row: Series) -> SeriesRecord:
     return SeriesRecord(
         row.series_uid,

@@ -213,17 +213,17 @@ def joint_findings(sources: Sequence[Dataset], threshold: float = 0.5) -> list[F
     return findings
 
 
-def left_hot_map(source: Dataset) -> Map:
+def left_hot_map(source: Dataset, peak: float = 0.9) -> Map:
     """A map that is hot in the left half of the image (columns < half) and cold elsewhere."""
     values = np.zeros((int(source.Rows), int(source.Columns)), dtype=np.float32)
-    values[:, : int(source.Columns) // 2] = 1.0
+    values[:, : int(source.Columns) // 2] = peak  # evidence maps peak at most at the probability
     return Map(ImageRef.of(source), values, MapMeaning.ATTENTION, caption="attention")
 
 
-def ramp_map(source: Dataset, *, key: bool = True) -> Map:
+def ramp_map(source: Dataset, *, key: bool = True, peak: float = 0.9) -> Map:
     """A Grad-CAM-like map rising from top (0) to bottom (1)."""
     rows, columns = int(source.Rows), int(source.Columns)
-    values = np.repeat(np.linspace(0.0, 1.0, rows, dtype=np.float32)[:, None], columns, axis=1)
+    values = np.repeat(np.linspace(0.0, peak, rows, dtype=np.float32)[:, None], columns, axis=1)
     return Map(ImageRef.of(source), values, MapMeaning.GRAD_CAM, key=key)
 
 
@@ -238,11 +238,13 @@ def chain_result(
     sources = list(sources if sources is not None else mr_series())
     key = sources[len(sources) // 2]
     weights = np.linspace(0.1, 0.6, len(sources))
+    findings = list(findings if findings is not None else joint_findings(sources))
+    peak = max(finding.probability for finding in findings)  # evidence maps peak at the probability
     return ChainResult(
-        findings=list(findings if findings is not None else joint_findings(sources)),
+        findings=findings,
         provenance=demo_provenance(demonstration),
         sources=sources,
-        maps=[left_hot_map(key), ramp_map(sources[0]), ramp_map(sources[-1], key=False)],
+        maps=[left_hot_map(key, peak), ramp_map(sources[0], peak=peak), ramp_map(sources[-1], key=False, peak=peak)],
         image_scores=[
             ImageScore(ImageRef.of(source), float(weight), concept("attention weight"))
             for source, weight in zip(sources, weights)

@@ -40,7 +40,6 @@ from pipeline.encode.codes import (
 from pipeline.encode.common import DEMONSTRATION, NOT_FOR_DIAGNOSIS, device_uid
 from pipeline.encode.heatmap import burned_in_lines
 from pipeline.encode.render import (
-    TEXT_SHADE_ALPHA,
     display_grayscale,
     layout_text,
     render_heatmap,
@@ -147,10 +146,8 @@ def plain_result() -> ChainResult:
 
 @pytest.fixture(scope="module")
 def radiograph_result() -> ChainResult:
-    """A regular pack's result on a pelvis radiograph: bilateral radiographic sacroiliitis."""
-    finding = Finding(
-        concept("radiographic sacroiliitis"), Site.SACROILIAC_JOINT, 0.7, 0.5, Laterality.BILATERAL
-    )
+    """A regular pack's result on a pelvis radiograph: patient-level radiographic sacroiliitis."""
+    finding = Finding.patient_level(concept("radiographic sacroiliitis"), Site.SACROILIAC_JOINT, 0.7, 0.5)
     return chain_result([pelvis_radiograph()], demonstration=False, findings=[finding])
 
 
@@ -450,7 +447,6 @@ EXPECTED_SITE = {Site.SACROILIAC_JOINT: "39723000", Site.ILIUM: "22356005", Site
 EXPECTED_LATERALITY = {
     Laterality.LEFT: "7771000",
     Laterality.RIGHT: "24028007",
-    Laterality.BILATERAL: "51440002",
 }
 EXPECTED_MODIFIER = {Region.UPPER: "264217000", Region.LOWER: "261089000"}  # superior, inferior
 
@@ -469,7 +465,7 @@ def test_findings_come_back_with_site_laterality_region_probability_and_presence
             EXPECTED_SITE[finding.site],
             "SCT",
         )
-        assert site.laterality.value == EXPECTED_LATERALITY[finding.laterality]
+        assert site.laterality.value == EXPECTED_LATERALITY[finding.laterality]  # per-side findings
         if finding.region is None:
             assert site.topographical_modifier is None
         else:
@@ -479,20 +475,32 @@ def test_findings_come_back_with_site_laterality_region_probability_and_presence
         )
         assert probability.value == pytest.approx(finding.probability)
         assert (probability.unit.value, probability.unit.scheme_designator) == ("1", "UCUM")
-        (evaluation,) = group.get_qualitative_evaluations()
+        (threshold,) = group.get_measurements(name=hd.sr.CodedConcept("122411", "DCM", "Threshold Value"))
+        assert threshold.value == pytest.approx(finding.threshold)
+        (evaluation,) = decisions(probability)
         assert evaluation.name.value == finding.concept.value
         expected = ("52101004", "Present") if finding.present else ("272519000", "Absent")
         assert (evaluation.value.value, evaluation.value.meaning) == expected
+
+
+def decisions(probability: hd.sr.Measurement) -> list[hd.sr.CodeContentItem]:
+    """The coded Present/Absent: the probability's concept modifier (TID 300 row 2)."""
+    return [
+        hd.sr.CodeContentItem.from_dataset(item)
+        for item in probability[0].ContentSequence
+        if item.ValueType == "CODE" and item.ConceptNameCodeSequence[0].CodeValue not in ("121401", "370129005")
+    ]
     assert len({g.tracking_uid for g in groups.values()}) == len(groups)
 
 
-def test_radiograph_finding_is_bilateral_without_modifier(
+def test_patient_level_radiograph_finding_has_no_side_and_no_modifier(
     encoded: dict[str, list[pydicom.Dataset]],
 ) -> None:
+    """A patient-level finding is not bilateral: its site carries no laterality at all."""
     (group,) = finding_groups(encoded["radiograph"][0]).values()
     (site,) = group.finding_sites
-    assert (site.value.value, site.laterality.value) == ("39723000", "51440002")
-    assert site.topographical_modifier is None
+    assert site.value.value == "39723000"
+    assert site.laterality is None and site.topographical_modifier is None
 
 
 def test_code_helpers_agree_with_the_expected_codes() -> None:
@@ -504,9 +512,9 @@ def test_code_helpers_agree_with_the_expected_codes() -> None:
 def test_presence_flips_at_the_threshold(demo_result: ChainResult) -> None:
     at = Finding(concept("erosion"), Site.SACRUM, 0.7, 0.7, Laterality.LEFT)
     below = Finding(concept("erosion"), Site.SACRUM, 0.6999, 0.7, Laterality.RIGHT)
-    sr = encode_sr(replace(demo_result, findings=[at, below]), generate_uid(), 9000)
+    sr = encode_sr(replace(demo_result, findings=[at, below], maps=[]), generate_uid(), 9000)
     groups = finding_groups(sr)
-    presence = {key: g.get_qualitative_evaluations()[0].value.meaning for key, g in groups.items()}
+    presence = {key: decisions(g.get_measurements()[0])[0].value.meaning for key, g in groups.items()}
     assert presence == {"Erosion, left sacrum": "Present", "Erosion, right sacrum": "Absent"}
 
 
@@ -556,15 +564,13 @@ def test_observer_is_the_pack_build_device(
     assert uid.value == device_uid(demo_result.provenance)
 
 
-def test_finding_note_is_a_text_item_in_its_group(
+def test_finding_note_is_in_the_findings_line_read_first(
     encoded: dict[str, list[pydicom.Dataset]], demo_result: ChainResult
 ) -> None:
+    """TID 1500 row 14 (report-level text): the finding's line carries its note."""
     (noted,) = [f for f in demo_result.findings if f.note]
-    group = finding_groups(encoded["demo"][0])[f"{noted.concept.meaning}, {noted.label}"]
-    comments = hd.sr.utils.find_content_items(
-        group[0], name=hd.sr.CodedConcept("121106", "DCM", "Comment")
-    )
-    assert [c.value for c in comments] == [noted.note]
+    lines = [text for text in _text_values(encoded["demo"][0]) if text.endswith(noted.note)]
+    assert len(lines) == 1 and noted.label in lines[0] and "PRESENT: probability 0.91" in lines[0]
 
 
 def test_image_scores_are_measurements_on_their_source_images(
@@ -572,7 +578,8 @@ def test_image_scores_are_measurements_on_their_source_images(
 ) -> None:
     (group,) = [g for g in measurement_groups(encoded["demo"][0]) if g.finding_type is None]
     measurements = group.get_measurements()
-    expected = {s.source.sop_instance_uid: s.value for s in demo_result.image_scores}
+    top = sorted(demo_result.image_scores, key=lambda s: -s.value)[:5]  # the top scores only
+    expected = {s.source.sop_instance_uid: s.value for s in top}
     found = {m.referenced_images[0].referenced_sop_instance_uid: m.value for m in measurements}
     assert found == pytest.approx(expected)
     assert {m.name.meaning for m in measurements} == {"Attention weight"}
@@ -580,11 +587,9 @@ def test_image_scores_are_measurements_on_their_source_images(
 
 def test_references_outside_the_sources_are_refused(demo_result: ChainResult) -> None:
     stranger = ImageRef(str(demo_result.sources[0].SOPClassUID), generate_uid())
-    finding = Finding(
-        concept("erosion"), Site.ILIUM, 0.4, 0.5, Laterality.LEFT, evidence=(stranger,)
-    )
+    finding = Finding.patient_level(concept("erosion"), Site.ILIUM, 0.4, 0.5, evidence=(stranger,))
     with pytest.raises(ValueError, match="not among"):
-        encode_sr(replace(demo_result, findings=[finding]), generate_uid(), 9000)
+        encode_sr(replace(demo_result, findings=[finding], maps=[]), generate_uid(), 9000)
 
 
 # --- demonstration labelling ----------------------------------------------------------------
@@ -612,20 +617,20 @@ def test_demonstration_results_say_so_everywhere(encoded: dict[str, list[pydicom
 def test_demonstration_is_burned_into_the_heatmap(
     encoded: dict[str, list[pydicom.Dataset]], demo_result: ChainResult
 ) -> None:
-    lines = burned_in_lines(demo_result.provenance)
-    assert (
-        lines[0] == DEMONSTRATION and NOT_FOR_DIAGNOSIS in lines and "sij-mri-demo 0.3.1" in lines
-    )
+    lines = burned_in_lines(demo_result.provenance, demo_result.findings, "Instance 2: attention")
+    assert lines[0] == DEMONSTRATION and f"{NOT_FOR_DIAGNOSIS} - sij-mri-demo 0.3.1" in lines
     assert DEMONSTRATION not in burned_in_lines(
         replace(demo_result.provenance, demonstration=False)
     )
-    # The line's box in the encoded pixels holds white text (the band around it is dimmed).
+    assert any("Active sacroiliitis: PRESENT, p = 0.91 (threshold 0.50), left sacroiliac joint" == line for line in lines)
+    # The line's box in the encoded pixels holds white text on the black band below the image.
     sc = encoded["demo"][1]
-    layout = layout_text(lines, sc.Columns, sc.Rows)
+    source = demo_result.sources[len(demo_result.sources) // 2]
+    layout = layout_text(lines, source.Columns, source.Rows)
+    assert (layout.height, layout.width) == (sc.Rows, sc.Columns)
     x0, y0, x1, y1 = layout.boxes[layout.lines.index(DEMONSTRATION)]
     box = sc.pixel_array[y0:y1, x0:x1]
-    brightest_shaded_background = 255 * (1 - TEXT_SHADE_ALPHA / 255)
-    assert (box.min(axis=-1) > brightest_shaded_background + 5).sum() >= 10
+    assert y0 >= source.Rows and (box.min(axis=-1) > 200).sum() >= 10
 
 
 # --- heatmaps -------------------------------------------------------------------------------
@@ -640,7 +645,8 @@ def test_heatmaps_keep_the_source_geometry_and_reference_it(
         source = next(
             s for s in demo_result.sources if s.SOPInstanceUID == heat.source.sop_instance_uid
         )
-        assert (sc.Rows, sc.Columns) == (source.Rows, source.Columns)
+        # the source's pixels at the top left (same spacing), the text band below
+        assert sc.Rows > source.Rows and sc.Columns >= source.Columns
         assert [float(v) for v in sc.PixelSpacing] == [float(v) for v in source.PixelSpacing]
         assert (sc.SamplesPerPixel, sc.PhotometricInterpretation, sc.BitsAllocated) == (3, "RGB", 8)
         assert sc.BurnedInAnnotation == "YES"
@@ -661,7 +667,7 @@ def test_radiograph_heatmap_takes_patient_orientation_and_imager_spacing(
     for sc in heatmaps:
         assert list(sc.PatientOrientation) == ["R", "F"]
         assert [float(v) for v in sc.PixelSpacing] == [0.15, 0.15]
-        assert (sc.Rows, sc.Columns) == (110, 256)
+        assert sc.Columns == 320 and sc.Rows > 110  # a 256-wide source: canvas widened, band below
 
 
 def test_overlay_is_drawn_where_the_map_is_high(
@@ -669,13 +675,12 @@ def test_overlay_is_drawn_where_the_map_is_high(
 ) -> None:
     """The key map is hot in the left half of the image: colour there, gray on the right."""
     sc = encoded["demo"][1]
-    layout = layout_text(burned_in_lines(demo_result.provenance), sc.Columns, sc.Rows)
-    bar_columns = max(2, sc.Columns // 32) + 2
-    image = sc.pixel_array[: layout.top].astype(int)
+    source = demo_result.sources[len(demo_result.sources) // 2]
+    image = sc.pixel_array[: source.Rows, : source.Columns].astype(int)  # the image above the band
     saturation = image.max(axis=-1) - image.min(axis=-1)
-    half = sc.Columns // 2
+    half = source.Columns // 2
     assert (saturation[:, : half - 1] > 40).mean() > 0.95
-    assert saturation[:, half + 1 : sc.Columns - bar_columns].max() == 0
+    assert saturation[:, half + 1 :].max() == 0
 
 
 def test_burned_in_text_fits_small_images() -> None:
@@ -683,12 +688,12 @@ def test_burned_in_text_fits_small_images() -> None:
     for rows, columns in [(64, 64), (110, 256), (256, 110), (512, 512)]:
         layout = layout_text(lines, columns, rows)
         assert all(
-            0 <= x0 and 0 <= y0 and x1 <= columns and y1 <= rows for x0, y0, x1, y1 in layout.boxes
-        )
+            0 <= x0 and rows <= y0 and x1 <= layout.width and y1 <= layout.scale_top for x0, y0, x1, y1 in layout.boxes
+        )  # in the band below the image, above the colour bar
         assert " ".join(layout.lines).split() == " ".join(lines).split()  # wrapped, nothing lost
         gray, values = np.full((rows, columns), 0.3), np.zeros((rows, columns))
         rgb, drawn = render_heatmap(gray, values, lines)
-        assert rgb.shape == (rows, columns, 3) and drawn == layout
+        assert rgb.shape == (layout.height, max(columns, 320), 3) and drawn == layout
 
 
 def test_window_of_the_source_is_applied() -> None:
@@ -713,13 +718,11 @@ def test_header_only_source_gets_a_black_background(demo_result: ChainResult) ->
         headers.append(header)
     result = replace(demo_result, sources=headers)
     (first, *_) = encode_heatmaps(result, generate_uid(), 9001)
-    assert first.Rows == headers[0].Rows
+    assert first.Rows > headers[0].Rows  # the text band below
     # Where the map is 0 (it is cold right of the middle), above the text band and left of the
     # colour bar, only the background shows: black without pixels, the image with them.
     (key_map, *_) = [heat for heat in result.maps if heat.key]
-    layout = layout_text(burned_in_lines(result.provenance), first.Columns, first.Rows)
-    bar_columns = max(2, first.Columns // 32) + 2
-    area = (slice(0, layout.top), slice(0, first.Columns - bar_columns))
+    area = (slice(0, headers[0].Rows), slice(0, headers[0].Columns))  # the image, above the band
     background = key_map.values[area] == 0
     assert background.sum() > 100
     assert first.pixel_array[area][background].max() == 0

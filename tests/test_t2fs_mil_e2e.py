@@ -38,6 +38,8 @@ def _outputs(pacs, study_uid: str) -> dict[str, list[str]] | None:
     for series in pacs.get(f"/studies/{matches[0]['ID']}/series"):
         if series["MainDicomTags"].get("Modality") == "MR" and "sijnode" not in series["MainDicomTags"].get("SeriesDescription", ""):
             continue
+        if "summary" in series["MainDicomTags"].get("SeriesDescription", ""):
+            continue  # the study summary (issue 10) is checked in tests/test_radiologist.py
         for instance in series["Instances"]:
             sop_class = pacs.instance_tags(instance)["SOPClassUID"]
             found.setdefault(sop_class, []).append(instance)
@@ -51,9 +53,10 @@ def _presence(sr_bytes: bytes) -> tuple[str, float]:
     sr = hd.sr.Comprehensive3DSR.from_dataset(dcmread(io.BytesIO(sr_bytes)))
     groups = [g for g in sr.content.get_image_measurement_groups() if g.finding_type is not None]
     (group,) = [g for g in groups if g.finding_type.meaning == "Active sacroiliitis"]
-    (evaluation,) = group.get_qualitative_evaluations()
     (probability,) = group.get_measurements(name=hd.sr.CodedConcept("122157", "DCM", "Probability"))
-    return evaluation.value.meaning, float(probability.value)
+    # the coded decision is the probability's concept modifier (pipeline/encode/sr.py)
+    (decision,) = [item for item in probability[0].ContentSequence if item.ValueType == "CODE"]
+    return str(decision.ConceptCodeSequence[0].CodeMeaning), float(probability.value)
 
 
 @pytest.mark.slow

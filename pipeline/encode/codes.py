@@ -44,6 +44,9 @@ CODES: MappingProxyType[str, Concept] = MappingProxyType(
         "left": Concept("7771000", "SCT", "Left"),
         "right": Concept("24028007", "SCT", "Right"),
         "bilateral": Concept("51440002", "SCT", "Bilateral"),
+        # Concept names of the CID 210 modifiers of a qualitative evaluation (TID 1500 row 13b).
+        "laterality": Concept("272741003", "SCT", "Laterality"),
+        "topographical modifier": Concept("106233006", "SCT", "Topographical modifier"),
         # Topographical modifiers (CID 2 "Anatomic Modifier"): our upper/lower quadrants.
         "superior": Concept("264217000", "SCT", "Superior"),
         "inferior": Concept("261089000", "SCT", "Inferior"),
@@ -71,12 +74,26 @@ CODES: MappingProxyType[str, Concept] = MappingProxyType(
         "imaging procedure": Concept("363679005", "SCT", "Imaging procedure"),
         # Contributing equipment, IHE AI Results.
         "processing algorithm": Concept("Newcode1", IHE_SCHEME, "Processing Algorithm"),
-        # Findings. No SNOMED CT code for these could be verified offline (and 24700007, offered
-        # for sacroiliitis, is "Multiple sclerosis"), so they are private until someone with a
-        # SNOMED CT browser maps them.
+        # Thresholds and explanations (DCM, pydicom's PS3.16 tables).
+        "threshold": Concept("122411", "DCM", "Threshold Value"),
+        "equivalent meaning": Concept("121050", "DCM", "Equivalent Meaning of Concept Name"),
+        "visual explanation": Concept("130401", "DCM", "Visual explanation"),
+        "summary": Concept("121111", "DCM", "Summary"),
+        "finding": Concept("121071", "DCM", "Finding"),
+        "series": Concept("113015", "DCM", "Series"),
+        "not performed": Concept("262008008", "SCT", "Not performed"),
+        # Findings with a verified standard code: edema (SCT 79654002, "Edema"; with the finding
+        # site ilium/sacrum it reads as bone marrow edema of that bone).
+        "bone marrow edema": Concept("79654002", "SCT", "Edema"),
+        # ---- The private codes: concepts with no standard code we could verify ------------------
+        # Searched (by meaning, in pydicom's bundled PS3.16 code tables, SCT/DCM/LN/UMLS, and
+        # highdicom's codes): "sacroiliitis", "spondyl", "arthritis", "erosion", "ankylos",
+        # "scleros" (only vascular sclerosis), "fat" (only fat tissue and breast/liver fat),
+        # "attention", "weight" (only body weight), "rank" (only percentile ranks). SNOMED CT has
+        # sacroiliitis as a disorder, but no code could be verified offline (24700007, offered
+        # for it, is "Multiple sclerosis"): these stay private until mapped with a SNOMED browser.
         "active sacroiliitis": _private("ACTIVE-SI", "Active sacroiliitis"),
         "sacroiliitis": _private("SACROILIITIS", "Sacroiliitis"),
-        "bone marrow edema": _private("BME", "Bone marrow edema"),
         "erosion": _private("EROSION", "Erosion"),
         "sclerosis": _private("SCLEROSIS", "Subchondral sclerosis"),
         "fat lesion": _private("FAT-LESION", "Fat lesion (fat metaplasia)"),
@@ -86,9 +103,12 @@ CODES: MappingProxyType[str, Concept] = MappingProxyType(
         ),
         "inflammatory changes": _private("ASAS-MRI", "Active inflammatory lesions (ASAS MRI)"),
         "structural changes": _private("STRUCTURAL", "Structural lesions of sacroiliac joints"),
-        # Per-image scores and report notes.
+        # A slice's weight in a MIL attention pooling: not a class activation (130402), which
+        # is a pixel map; no code found for attention.
         "attention weight": _private("ATTN-WEIGHT", "Attention weight"),
-        "demonstration notice": _private("DEMO-NOTICE", "Demonstration notice"),
+        # The share of a Grad-CAM map inside one joint box. The map itself is 130403; its share
+        # in a region has no code. Reported as explanation (130401), never as a finding.
+        "share of Grad-CAM in joint box": _private("CAM-SHARE", "Share of Grad-CAM in joint box"),
     }
 )
 

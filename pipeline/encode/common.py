@@ -117,6 +117,12 @@ def image_laterality(source: Dataset) -> str:
     return "B"
 
 
+def instance_number(source: Dataset) -> str:
+    """The source's InstanceNumber as readers see it in PACS ('?' when it has none)."""
+    number = source.get("InstanceNumber")
+    return str(number) if number not in (None, "") else "?"
+
+
 def instance_uids(series_instance_uid: str, count: int) -> list[str]:
     """SOP Instance UIDs for a series: derived from the series UID, so a retry reproduces them."""
     return [derived_uid(series_instance_uid, str(number)) for number in range(1, count + 1)]

@@ -1,8 +1,9 @@
 """Heatmaps: one RGB Secondary Capture per key Map, the map in colour over its source image.
 
-Each SC keeps its source's rows, columns, pixel spacing and patient orientation, references the
+Each SC keeps its source's columns, pixel spacing and patient orientation, references the
 source in SourceImageSequence, says BurnedInAnnotation YES, and is written in Explicit VR Little
-Endian (lossless). All heatmaps of one ChainResult share one new series.
+Endian (lossless). The image is the source's rows with a text band added below (so text never
+covers anatomy): the top-left pixel and the spacing stay the source's. All heatmaps of one ChainResult share one new series.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import highdicom as hd
 import numpy as np
 from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
+
+from collections.abc import Sequence
 
 from pipeline.encode.common import (
     DEMONSTRATION,
@@ -21,20 +24,44 @@ from pipeline.encode.common import (
     declare_private_schemes,
     find_source,
     image_laterality,
+    instance_number,
     instance_uids,
     series_description,
 )
 from pipeline.encode.render import display_grayscale, render_heatmap
-from pipeline.results import ChainResult, Map, Provenance
+from pipeline.results import ChainResult, Finding, Map, Provenance
 
 # Patient directions of the +x, +y, +z patient axes and their opposites (PS3.3 C.7.6.1.1.1).
 _AXIS_LETTERS = (("L", "R"), ("P", "A"), ("H", "F"))
 
 
-def burned_in_lines(provenance: Provenance) -> list[str]:
-    """The text every heatmap carries, most important first."""
-    lines = [NOT_FOR_DIAGNOSIS, algorithm_label(provenance)]
-    return [DEMONSTRATION, *lines] if provenance.demonstration else lines
+def burned_in_lines(provenance: Provenance, findings: Sequence[Finding] = (), caption: str | None = None) -> list[str]:
+    """The text every heatmap carries, most important first: the demonstration mark, "not for
+    diagnosis" and the algorithm, each finding's decision and probability, the map's caption."""
+    lines = [f"{NOT_FOR_DIAGNOSIS} - {algorithm_label(provenance)}"]
+    if provenance.demonstration:
+        lines.insert(0, DEMONSTRATION)
+    lines += [finding_line(finding) for finding in findings]
+    if caption:
+        lines.append(caption)
+    return lines
+
+
+def finding_line(finding: Finding) -> str:
+    """'Active sacroiliitis: PRESENT, p = 0.80 (threshold 0.50), both sides together'."""
+    decision = "PRESENT" if finding.present else "absent"
+    where = "both sides together, no side decided" if finding.laterality is None else finding.label
+    return f"{finding.concept.meaning}: {decision}, p = {finding.probability:.2f} (threshold {finding.threshold:.2f}), {where}"
+
+
+def map_caption(heat: Map, source: Dataset) -> str:
+    """'Instance 22: Grad-CAM x p, attention rank 1 of 56': the instance a reader can find in PACS."""
+    return f"Instance {instance_number(source)}: {heat.caption or heat.meaning.value}"
+
+
+def scale_title(heat: Map) -> str:
+    """What the colour bar's 0-1 means for an evidence map (pipeline.cam.evidence_map)."""
+    return f"{heat.meaning.value} x p"
 
 
 def _direction_letter(cosines: np.ndarray) -> str:
@@ -85,8 +112,14 @@ def heatmap_image(
     """One heatmap SC: ``heat`` over its source, with colour bar and burned-in text."""
     provenance = result.provenance
     source = find_source(result, heat.source)
+    caption = map_caption(heat, source)
+    lines = burned_in_lines(provenance, result.findings, caption)
     rgb, _ = render_heatmap(
-        display_grayscale(source, heat.source.frame), heat.values, burned_in_lines(provenance)
+        display_grayscale(source, heat.source.frame),
+        heat.values,
+        lines,
+        categories=[(c.value, c.label) for c in heat.categories],
+        scale_title=scale_title(heat),
     )
     image = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source,
@@ -109,11 +142,10 @@ def heatmap_image(
     image.BurnedInAnnotation = "YES"
     image.ImageLaterality = image_laterality(source)
     image.SourceImageSequence = [_source_image_item(source, heat.source.frame)]
-    caption = heat.caption or heat.meaning.value
     image.DerivationDescription = (
-        f"{caption} map of {algorithm_label(provenance)} over the source image"[:1024]
+        f"{caption} map of {algorithm_label(provenance)} over the source image, with a text band below it"[:1024]
     )
-    image.ImageComments = "; ".join(burned_in_lines(provenance) + [caption])
+    image.ImageComments = "; ".join(lines)[:10240]
     image.LossyImageCompression = "00"
     add_algorithm_equipment(image, provenance)
     declare_private_schemes(image, [source])

@@ -1,4 +1,5 @@
-"""Pixels of a heatmap: the source in grayscale, the map in colour over it, a colour bar and text.
+"""Pixels of a heatmap: the source in grayscale, the map in colour over it, and below the image a
+band with the text, and the colour bar with its scale (or the legend of a categorical map).
 
 Pure numpy/Pillow functions on arrays, kept apart from DICOM wrapping so they can be tested on
 their own. The colormap is jet, written out here, so that rendering needs no matplotlib.
@@ -22,13 +23,15 @@ TRANSPARENT_BELOW = 0.2
 MAX_OPACITY = 0.6
 # When the source has no window: the percentiles that span the display range (robust to outliers).
 PERCENTILE_WINDOW = (1.0, 99.0)
-# Text: tallest font for big images, smallest we accept, and how much of the height text may use.
-MIN_FONT_PX = 5
-MAX_FONT_PX = 18
-TEXT_HEIGHT_FRACTION = 0.45
-MARGIN_PX = 1
-# Opacity of the dark band behind the text: the image under it keeps 1 - 160/255 of its light.
-TEXT_SHADE_ALPHA = 160
+# Text: its height relative to the image's larger side, so that it stays legible when the whole
+# image is fitted into a 1,000-pixel viewport (a 2,350-row radiograph gets 42 px letters, shown
+# at ~17 px), and never below MIN_FONT_PX. All text sits in a band *below* the image: it never
+# covers anatomy. The band also holds the colour bar with its scale, or a categorical legend.
+MIN_FONT_PX = 12
+TEXT_FRACTION = 0.018
+MARGIN_PX = 2
+# A narrow image gets a wider canvas (black right of the image), so its text need not wrap word by word.
+MIN_CANVAS_WIDTH = 320
 
 
 def source_frame(source: Dataset, frame: int | None) -> np.ndarray | None:
@@ -117,17 +120,44 @@ def blend(gray: np.ndarray, values: np.ndarray) -> np.ndarray:
     return np.round(255 * rgb).astype(np.uint8)
 
 
+#: colours of a categorical map's categories, in order (distinct, and none of them gray)
+CATEGORY_COLOURS = ((0, 200, 80), (255, 150, 0), (220, 0, 0), (0, 120, 255), (200, 0, 200), (0, 200, 200))
+CATEGORY_OPACITY = 0.5
+
+
+def blend_categories(gray: np.ndarray, values: np.ndarray, categories: Sequence[tuple[float, str]]) -> np.ndarray:
+    """A categorical map over the grayscale image, one fixed colour per category, as uint8 RGB."""
+    if gray.shape != values.shape:
+        raise ValueError(f"map shape {values.shape} is not the source's {gray.shape}")
+    rgb = np.repeat(gray[..., None], 3, axis=-1)
+    for (value, _), colour in zip(categories, CATEGORY_COLOURS):
+        where = np.isclose(values, value)
+        rgb[where] = (1 - CATEGORY_OPACITY) * rgb[where] + CATEGORY_OPACITY * np.asarray(colour) / 255.0
+    return np.round(255 * rgb).astype(np.uint8)
+
+
+def font_px(rows: int, columns: int) -> int:
+    """The text height for an image: TEXT_FRACTION of its larger side, at least MIN_FONT_PX."""
+    return max(MIN_FONT_PX, round(TEXT_FRACTION * max(rows, columns)))
+
+
 @dataclass(frozen=True)
 class TextLayout:
-    """Where burned-in text goes: font size, wrapped lines, each line's box (x0, y0, x1, y1)."""
+    """The band below the image: font size, wrapped lines and their boxes (x0, y0, x1, y1) in the
+    output image, where the band starts (the source's row count) and where the scale goes."""
 
     font_size: int
     lines: tuple[str, ...]
     boxes: tuple[tuple[int, int, int, int], ...]
+    top: int  # first row of the band (= the source's rows)
+    scale_top: int  # first row of the colour bar / legend
+    height: int  # rows of the whole output image
+    width: int  # columns of the whole output image (the source's, or MIN_CANVAS_WIDTH)
 
     @property
-    def top(self) -> int:
-        return min(box[1] for box in self.boxes) if self.boxes else 0
+    def line_height(self) -> int:
+        ascent, descent = _font(self.font_size).getmetrics()
+        return ascent + descent
 
 
 def _font(size: int) -> ImageFont.FreeTypeFont:
@@ -159,68 +189,95 @@ def _wrap(text: str, font: ImageFont.FreeTypeFont, width: int) -> list[str]:
     return lines
 
 
-def layout_text(lines: Sequence[str], width: int, height: int) -> TextLayout:
-    """The largest font at which ``lines`` (wrapped) fit the image's width and the bottom
-    TEXT_HEIGHT_FRACTION of its height; the lines sit at the bottom-left."""
-    usable_width = width - 2 * MARGIN_PX
-    max_size = min(MAX_FONT_PX, max(MIN_FONT_PX, min(width, height) // 12))
-    for size in range(max_size, MIN_FONT_PX - 1, -1):
-        font = _font(size)
-        wrapped = [part for line in lines for part in _wrap(line, font, usable_width)]
-        ascent, descent = font.getmetrics()
-        line_height = ascent + descent
-        if len(wrapped) * line_height <= TEXT_HEIGHT_FRACTION * height or size == MIN_FONT_PX:
-            break
-    top = height - MARGIN_PX - len(wrapped) * line_height
+def layout_text(lines: Sequence[str], width: int, height: int, scale_lines: int = 2) -> TextLayout:
+    """``lines`` wrapped to the image's width, in a band below its ``height`` rows, followed by
+    ``scale_lines`` line heights for the colour bar and its tick labels (or the legend)."""
+    size = font_px(height, width)
+    width = max(width, MIN_CANVAS_WIDTH)
+    font = _font(size)
+    wrapped = [part for line in lines for part in _wrap(line, font, width - 2 * MARGIN_PX)]
+    ascent, descent = font.getmetrics()
+    line_height = ascent + descent
+    top = height + MARGIN_PX
     boxes = tuple(
-        (
-            MARGIN_PX,
-            top + i * line_height,
-            MARGIN_PX + int(np.ceil(font.getlength(line))),
-            top + (i + 1) * line_height,
-        )
+        (MARGIN_PX, top + i * line_height, MARGIN_PX + int(np.ceil(font.getlength(line))), top + (i + 1) * line_height)
         for i, line in enumerate(wrapped)
     )
-    if top < 0 or any(box[2] > width for box in boxes):
-        log.warning("burned-in text does not fit a %dx%d image even at %d px", width, height, size)
-    return TextLayout(size, tuple(wrapped), boxes)
+    scale_top = top + len(wrapped) * line_height + MARGIN_PX
+    total = scale_top + scale_lines * line_height + MARGIN_PX
+    return TextLayout(size, tuple(wrapped), boxes, height, scale_top, total, width)
 
 
-def draw_text(rgb: np.ndarray, layout: TextLayout) -> np.ndarray:
-    """Burn the laid-out lines into the image: white text on a dimmed band, for contrast."""
-    height, width = rgb.shape[:2]
-    image = Image.fromarray(rgb, "RGB")
-    shade = Image.new("RGBA", image.size, (0, 0, 0, 0))
-    ImageDraw.Draw(shade).rectangle(
-        (0, layout.top, width, height), fill=(0, 0, 0, TEXT_SHADE_ALPHA)
-    )
-    image = Image.alpha_composite(image.convert("RGBA"), shade).convert("RGB")
+def draw_band(rgb: np.ndarray, layout: TextLayout) -> np.ndarray:
+    """The image on top of a black band of ``layout.height`` rows, with the lines in white."""
+    out = np.zeros((layout.height, layout.width, 3), dtype=np.uint8)
+    out[: rgb.shape[0], : rgb.shape[1]] = rgb
+    image = Image.fromarray(out, "RGB")
     draw = ImageDraw.Draw(image)
     font = _font(layout.font_size)
     for line, box in zip(layout.lines, layout.boxes):
         draw.text((box[0], box[1]), line, fill=(255, 255, 255), font=font)
-    return np.asarray(image)
+    return np.asarray(image).copy()
 
 
-def draw_colour_bar(rgb: np.ndarray, bottom: int) -> np.ndarray:
-    """A vertical jet bar (1 at the top, 0 at the bottom) along the right edge, above ``bottom``."""
-    height, width = rgb.shape[:2]
-    bar_width = max(2, width // 32)
-    top = MARGIN_PX + max(1, height // 16)
-    bottom = max(top + 2, bottom - MARGIN_PX)
+def draw_colour_bar(rgb: np.ndarray, layout: TextLayout, title: str) -> np.ndarray:
+    """A horizontal jet bar from 0 (left) to 1 (right) with ticks 0, 0.25, ..., 1 and ``title``."""
+    width = rgb.shape[1]
+    font = _font(layout.font_size)
+    line_height = layout.line_height
+    title_width = min(int(font.getlength(title)) + 2 * MARGIN_PX, width // 2)
+    x0, x1 = title_width + MARGIN_PX, width - MARGIN_PX - int(font.getlength("1.00")) // 2
+    y0 = layout.scale_top
+    y1 = y0 + max(2, line_height * 2 // 3)
     out = rgb.copy()
-    ramp = np.linspace(1.0, 0.0, bottom - top)[:, None]
-    colours = np.round(255 * jet(np.repeat(ramp, bar_width, axis=1))).astype(np.uint8)
-    x1 = width - MARGIN_PX
-    out[top:bottom, x1 - bar_width : x1] = colours
-    return out
+    if x1 - x0 >= 8:
+        ramp = np.linspace(0.0, 1.0, x1 - x0)[None, :]
+        out[y0:y1, x0:x1] = np.round(255 * jet(np.repeat(ramp, y1 - y0, axis=0))).astype(np.uint8)
+    image = Image.fromarray(out, "RGB")
+    draw = ImageDraw.Draw(image)
+    draw.text((MARGIN_PX, y0), title, fill=(255, 255, 255), font=font)
+    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+        x = x0 + tick * (x1 - x0 - 1)
+        label = f"{tick:g}"
+        draw.line((x, y0, x, y1 + line_height // 6), fill=(255, 255, 255))
+        draw.text((x - font.getlength(label) / 2, y1 + line_height // 6), label, fill=(255, 255, 255), font=font)
+    return np.asarray(image).copy()
+
+
+def draw_legend(rgb: np.ndarray, layout: TextLayout, categories: Sequence[tuple[float, str]]) -> np.ndarray:
+    """One swatch and label per category, left to right (wrapping to a second line if needed)."""
+    image = Image.fromarray(rgb, "RGB")
+    draw = ImageDraw.Draw(image)
+    font = _font(layout.font_size)
+    line_height = layout.line_height
+    x, y = MARGIN_PX, layout.scale_top
+    for (_, label), colour in zip(categories, CATEGORY_COLOURS):
+        needed = line_height + MARGIN_PX * 3 + font.getlength(label)
+        if x > MARGIN_PX and x + needed > rgb.shape[1]:
+            x, y = MARGIN_PX, y + line_height
+        draw.rectangle((x, y + 2, x + line_height - 4, y + line_height - 2), fill=colour)
+        draw.text((x + line_height, y), label, fill=(255, 255, 255), font=font)
+        x += int(needed) + font.getlength("  ")
+    return np.asarray(image).copy()
 
 
 def render_heatmap(
-    gray: np.ndarray, values: np.ndarray, lines: Sequence[str]
+    gray: np.ndarray,
+    values: np.ndarray,
+    lines: Sequence[str],
+    *,
+    categories: Sequence[tuple[float, str]] = (),
+    scale_title: str = "map value",
 ) -> tuple[np.ndarray, TextLayout]:
-    """The heatmap image: overlay, colour bar (above the text) and burned-in ``lines``."""
+    """The heatmap image: the map over the image, and below it the ``lines`` and the colour bar
+    with its 0-1 scale (or, for a categorical map, the legend of its ``categories``)."""
+    if categories:
+        rgb = blend_categories(gray, values, categories)
+        font = _font(font_px(*gray.shape))
+        legend_width = sum(font.getlength(label) + 2 * font_px(*gray.shape) for _, label in categories)
+        canvas = max(gray.shape[1], MIN_CANVAS_WIDTH)
+        layout = layout_text(lines, gray.shape[1], gray.shape[0], scale_lines=1 + int(legend_width // canvas))
+        return draw_legend(draw_band(rgb, layout), layout, categories), layout
     rgb = blend(gray, values)
-    layout = layout_text(lines, rgb.shape[1], rgb.shape[0])
-    rgb = draw_colour_bar(rgb, bottom=layout.top)
-    return draw_text(rgb, layout), layout
+    layout = layout_text(lines, gray.shape[1], gray.shape[0])
+    return draw_colour_bar(draw_band(rgb, layout), layout, scale_title), layout

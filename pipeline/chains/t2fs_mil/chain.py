@@ -2,8 +2,9 @@
 
 Keskin et al. (2026): ResNet-18 slice features, gated attention over the slices, a bag
 classifier, horizontal-flip test-time augmentation. One probability per series: it covers both
-joints, so the finding is bilateral; the seed model has no per-side output and this chain does
-not invent one.
+joints together, so the finding is patient level (``Finding.patient_level``: no laterality, not
+"bilateral"); the seed model has no per-side output and this chain does not invent one. Its
+Grad-CAM maps are scaled by that probability (``pipeline.cam.evidence_map``).
 
 Options (config.yaml ``chains[].options``):
 
@@ -33,12 +34,12 @@ from pipeline.chains.t2fs_mil.inference import (
     to_source_grid,
 )
 from pipeline.chains.t2fs_mil.preprocess import preprocess_series
+from pipeline.cam import evidence_map
 from pipeline.results import (
     ChainResult,
     Finding,
     ImageRef,
     ImageScore,
-    Laterality,
     Map,
     MapMeaning,
     Site,
@@ -46,9 +47,9 @@ from pipeline.results import (
 
 INPUT_KEY = "t2fs"
 
-BILATERAL_NOTE = (
-    "One probability for the axial T2FS series as a whole (both sacroiliac joints): "
-    "the model does not say which side; see the attention weights and Grad-CAM images for where it looked."
+PATIENT_LEVEL_NOTE = (
+    "One probability for the axial T2FS series as a whole (both sacroiliac joints together): "
+    "the model does not decide a side; the attention weights and Grad-CAM images show where it looked."
 )
 
 
@@ -77,10 +78,11 @@ class T2FSMILChain(ModelChain):
         with self.timed("read"):
             datasets = self._series(inputs).datasets()
         with self.timed("preprocess"):
-            ordered, bag = preprocess_series(datasets, self.hyperparameters.input_size)
+            ordered, bag = preprocess_series(datasets, self.hyperparameters.input_size, self.model.recipe)
             bag = bag.to(self.device)
         with self.timed("inference"):
             prediction = predict(self.model, bag, tta=tta, chunk=self.settings["batch_slices"])
+        probability = float(np.clip(prediction.probability, 0.0, 1.0))
         ranked = [int(i) for i in np.argsort(-prediction.attention, kind="stable")]
         top = ranked[: min(top_k, len(ordered))]
         maps: list[Map] = []
@@ -92,20 +94,22 @@ class T2FSMILChain(ModelChain):
                     maps.append(
                         Map(
                             source=ImageRef.of(source),
-                            values=to_source_grid(cam, int(source.Rows), int(source.Columns)),
+                            values=evidence_map(to_source_grid(cam, int(source.Rows), int(source.Columns)), probability),
                             meaning=MapMeaning.GRAD_CAM,
                             key=True,
-                            caption=f"Grad-CAM, slice {ranked.index(index) + 1} of {len(ordered)} by attention ({prediction.attention[index]:.3f})",
+                            caption=(
+                                f"Grad-CAM x p, attention rank {ranked.index(index) + 1} of {len(ordered)} "
+                                f"(weight {prediction.attention[index]:.3f})"
+                            ),
                         )
                     )
-        finding = Finding(
-            concept=concept(self.output.concept),
-            site=Site.SACROILIAC_JOINT,
-            laterality=Laterality.BILATERAL,
-            probability=float(np.clip(prediction.probability, 0.0, 1.0)),
-            threshold=self.output.threshold,
+        finding = Finding.patient_level(
+            concept(self.output.concept),
+            Site.SACROILIAC_JOINT,
+            probability,
+            self.output.threshold,
             evidence=tuple(ImageRef.of(ordered[i]) for i in top),
-            note=BILATERAL_NOTE,
+            note=PATIENT_LEVEL_NOTE,
         )
         attention_concept = concept("attention weight")
         scores = [
@@ -116,6 +120,8 @@ class T2FSMILChain(ModelChain):
             "tta": "horizontal flip" if tta else "off",
             "slices": len(ordered),
             "input_size": self.hyperparameters.input_size,
+            "preprocessing": self.model.recipe,
+            "output": "sigmoid of one logit" if self.hyperparameters.classes == 1 else 'softmax, class "Inflamed"',
             "probability without TTA": round(prediction.probability_original, 4),
         }
         if prediction.probability_flipped is not None:

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from pydicom import Dataset, dcmread
 
-from pipeline.chains.t2fs_mil.preprocess import preprocess_series
+from pipeline.chains.t2fs_mil.preprocess import PREPROCESSING, preprocess_series
+from pipeline.evaluation import phantom_subgroups
 from pipeline.training import seed_ranges
 
 GROUND_TRUTH = "ground_truth.json"
@@ -41,6 +42,7 @@ class Case:
     edema_uids: frozenset[str] = frozenset()  # T2FS images an edema lesion covers (>= 4 mm^2)
     joint_uids: frozenset[str] = frozenset()  # T2FS images that cut a sacroiliac joint (its joint line)
     lesions: str = "random"  # how the phantom's lesions were asked for: random, none or spec
+    subgroups: tuple[str, ...] = ()  # case-mix subgroups (pipeline.evaluation.phantom_subgroups)
 
     def datasets(self) -> list[Dataset]:
         files = sorted(self.t2fs_folder.glob("*.dcm"))
@@ -48,9 +50,9 @@ class Case:
             raise FileNotFoundError(f"{self.t2fs_folder}: no DICOM files")
         return [dcmread(path) for path in files]
 
-    def bag(self, input_size: int) -> tuple[list[Dataset], torch.Tensor]:
-        """(datasets in patient order, preprocessed bag)."""
-        return preprocess_series(self.datasets(), input_size)
+    def bag(self, input_size: int, recipe: str = PREPROCESSING["recipe"]) -> tuple[list[Dataset], torch.Tensor]:
+        """(datasets in patient order, bag preprocessed by ``recipe``)."""
+        return preprocess_series(self.datasets(), input_size, recipe)
 
     def slice_labels(self, ordered: Sequence[Dataset]) -> torch.Tensor:
         """Per slice (in the given order): 1 where the ground truth has edema on it."""
@@ -88,6 +90,7 @@ def read_case(folder: Path) -> Case:
         edema_uids=edema_uids,
         joint_uids=joint_uids,
         lesions=_lesion_source(truth.get("lesion_spec", {})),
+        subgroups=phantom_subgroups(truth),
     )
 
 

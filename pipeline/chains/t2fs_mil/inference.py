@@ -16,10 +16,11 @@ from pipeline.cam import normalize_cam
 from pipeline.chains.t2fs_mil.model import (
     T2FSMIL,
     Hyperparameters,
+    INFLAMED,
     PartialBag,
     build_model,
 )
-from pipeline.chains.t2fs_mil.preprocess import PREPROCESSING
+from pipeline.chains.t2fs_mil.preprocess import PAPER_PREPROCESSING, RECIPES
 from pipeline.packs import ModelPack, PackError
 
 #: the manifest output this chain reports
@@ -82,7 +83,7 @@ class GradCAMExplainer:
         self.wrapper.fixed = features.detach().clone()
         self.wrapper.positions = list(positions)
         with torch.enable_grad():
-            raw = self.cam(bag[positions].detach().clone(), class_idx=0)
+            raw = self.cam(bag[positions].detach().clone(), class_idx=0 if self.wrapper.model.hyperparameters.classes == 1 else INFLAMED)
         return raw[:, 0].detach().clamp(0, 1).cpu().numpy()
 
 
@@ -101,8 +102,11 @@ def check_manifest(pack: ModelPack) -> Hyperparameters:
     except (TypeError, ValueError) as error:
         raise PackError(f"pack {manifest.name}: {error}") from None
     recipe = manifest.preprocessing.get("recipe")
-    if recipe != PREPROCESSING["recipe"]:
-        raise PackError(f"pack {manifest.name}: preprocessing recipe {recipe!r}, this chain implements {PREPROCESSING['recipe']!r}")
+    if recipe not in RECIPES:
+        raise PackError(f"pack {manifest.name}: preprocessing recipe {recipe!r}, this chain implements {', '.join(RECIPES)}")
+    channels = 3 if recipe == PAPER_PREPROCESSING["recipe"] else 1
+    if parameters.in_channels != channels:
+        raise PackError(f"pack {manifest.name}: recipe {recipe} gives {channels}-channel slices, the network takes {parameters.in_channels}")
     manifest.output(OUTPUT)  # PackError when missing
     return parameters
 
@@ -110,6 +114,7 @@ def check_manifest(pack: ModelPack) -> Hyperparameters:
 def load_model(pack: ModelPack, state_dict: dict[str, torch.Tensor] | None = None) -> T2FSMIL:
     """Build the pack's network and load its (verified) weights strictly."""
     model = build_model(check_manifest(pack))
+    model.recipe = str(pack.manifest.preprocessing["recipe"])
     weights = pack.load_state_dict() if state_dict is None else state_dict
     try:
         model.load_state_dict(weights, strict=True)

@@ -35,6 +35,9 @@ class Hyperparameters:
     input_size: int = 224
     conv1_stride: int = 2
     attention_dim: int = 128
+    #: 1: one logit, sigmoid (the demonstration packs); 2: the paper's two classes with softmax,
+    #: index :data:`INFLAMED` = "Inflamed", 0 = "Healthy" (the paper names them, not their order: our choice)
+    classes: int = 1
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> Hyperparameters:
@@ -47,14 +50,22 @@ class Hyperparameters:
             raise ValueError(f"t2fs-mil encoder must be resnet18 (the seed's), got {parameters.encoder!r}")
         if parameters.input_size < 32:
             raise ValueError(f"input_size must be at least 32 pixels, got {parameters.input_size}")
+        if parameters.classes not in (1, 2):
+            raise ValueError(f"classes must be 1 (sigmoid) or 2 (softmax, the paper's), got {parameters.classes}")
+        if parameters.in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 or 3 (the paper's ImageNet layout), got {parameters.in_channels}")
         return parameters
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-#: the seed paper's architecture, as manifest hyperparameters
+#: the seed architecture at its published size, one sigmoid output (the layout the demo trains)
 SEED_HYPERPARAMETERS: dict[str, Any] = Hyperparameters().as_dict()
+#: the paper's network as it was built: ImageNet's 3-channel stem, two classes with softmax
+PAPER_HYPERPARAMETERS: dict[str, Any] = Hyperparameters(in_channels=3, classes=2).as_dict()
+#: the paper's "Inflamed" class among its two outputs
+INFLAMED = 1
 
 
 class GatedAttention(nn.Module):
@@ -76,13 +87,21 @@ class GatedAttention(nn.Module):
 class BagOutput:
     """One bag through the model."""
 
-    logit: torch.Tensor  # scalar
+    logit: torch.Tensor  # scalar (one output) or (2,) (the paper's two classes)
     attention: torch.Tensor  # (slices,)
     features: torch.Tensor  # (slices, feature_dim)
 
     @property
     def probability(self) -> torch.Tensor:
-        return torch.sigmoid(self.logit)
+        """P(active sacroiliitis): the sigmoid of one logit, or the softmax of the paper's "Inflamed"."""
+        return class_probability(self.logit)
+
+
+def class_probability(logit: torch.Tensor) -> torch.Tensor:
+    """The positive probability from a bag's logit(s): sigmoid of one, softmax[INFLAMED] of two."""
+    if logit.dim() == 0 or logit.shape[-1] == 1:
+        return torch.sigmoid(logit.reshape(()))
+    return torch.softmax(logit, dim=-1)[..., INFLAMED]
 
 
 def resnet18_encoder(parameters: Hyperparameters) -> nn.Module:
@@ -107,10 +126,11 @@ class T2FSMIL(nn.Module):
     def __init__(self, parameters: Hyperparameters) -> None:
         super().__init__()
         self.hyperparameters = parameters
+        self.recipe = "keskin2026-t2fs-v1"  # the preprocessing recipe its pack names (set by load_model)
         self.encoder = resnet18_encoder(parameters)
         self.feature_dim = int(512 * parameters.widen_factor)
         self.attention = GatedAttention(self.feature_dim, parameters.attention_dim)
-        self.classifier = nn.Linear(self.feature_dim, 1)
+        self.classifier = nn.Linear(self.feature_dim, parameters.classes)
 
     def encode(self, slices: torch.Tensor, chunk: int = 0) -> torch.Tensor:
         """(slices, C, H, W) → (slices, feature_dim); ``chunk`` > 0 encodes that many slices at a time."""
@@ -119,10 +139,11 @@ class T2FSMIL(nn.Module):
         return torch.cat([self.encoder(part) for part in torch.split(slices, chunk)])
 
     def pool(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Slice features → (logit, attention)."""
+        """Slice features → (logit(s), attention): a scalar logit for one output, (2,) for the paper's two."""
         attention = self.attention(features)
         bag = attention @ features  # (feature_dim,)
-        return self.classifier(bag).squeeze(-1), attention
+        logits = self.classifier(bag)
+        return (logits.squeeze(-1) if logits.shape[-1] == 1 else logits), attention
 
     def forward_bag(self, slices: torch.Tensor, chunk: int = 0) -> BagOutput:
         features = self.encode(slices, chunk)
@@ -130,8 +151,8 @@ class T2FSMIL(nn.Module):
         return BagOutput(logit, attention, features)
 
     def forward(self, slices: torch.Tensor) -> torch.Tensor:
-        """One bag (slices, C, H, W) → logits (1, 1), the shape MONAI's CAM classes expect."""
-        return self.forward_bag(slices).logit.reshape(1, 1)
+        """One bag (slices, C, H, W) → logits (1, classes), the shape MONAI's CAM classes expect."""
+        return self.forward_bag(slices).logit.reshape(1, -1)
 
 
 class PartialBag(nn.Module):
@@ -151,7 +172,7 @@ class PartialBag(nn.Module):
     def forward(self, slices: torch.Tensor) -> torch.Tensor:
         features = self.fixed.clone()
         features[self.positions] = self.model.encode(slices)
-        return self.model.pool(features)[0].reshape(1, 1)
+        return self.model.pool(features)[0].reshape(1, -1)
 
 
 def build_model(hyperparameters: Mapping[str, Any] | Hyperparameters) -> T2FSMIL:

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from pydicom import Dataset, dcmread
 
+from pipeline.evaluation import phantom_subgroups
+
 # (grade of one side, grade of the other side): relative frequency. Half the weight is on studies
 # without radiographic sacroiliitis (mNY: bilateral >= 2 or unilateral >= 3), including the
 # near misses (2/0, 2/1, 1/1) that separate "some changes" from the criterion.
@@ -66,6 +68,7 @@ class PhantomRadiograph:
     grades: tuple[int, int]  # mNY grade (left, right)
     patient_id: str  # the phantom's PatientID: a training split keeps a patient's studies together
     seed: int  # the phantom's generator seed
+    subgroups: tuple[str, ...] = ()  # case-mix subgroups (pipeline.evaluation.phantom_subgroups)
 
     def dataset(self) -> Dataset:
         return dcmread(self.image)
@@ -124,6 +127,7 @@ def find_radiographs(data: Path) -> list[PhantomRadiograph]:
                 grades=(int(grades["left"]), int(grades["right"])),
                 patient_id=str(truth["patient_id"]),
                 seed=int(truth["seed"]),
+                subgroups=phantom_subgroups(truth),
             )
         )
     if not found:

@@ -13,14 +13,14 @@ from typing import Any
 import numpy as np
 import torch
 from monai.inferers import SlidingWindowInferer
-from monai.transforms import KeepLargestConnectedComponent
+from monai.transforms import AsDiscrete, Compose, KeepLargestConnectedComponent
 from monai.visualize import GradCAM
 from pydicom import Dataset
 
 from pipeline.cam import normalize_cam
 
 from .data import LEFT_ILIUM, RIGHT_ILIUM, SACRUM
-from .joints import JointCrop, ilium_classes, joint_regions
+from .joints import JointCrop, ilium_classes, joint_regions, trimmed
 from .model import Networks, load_networks
 from .preprocess import (
     ClassificationSettings,
@@ -30,12 +30,42 @@ from .preprocess import (
     map_to_crop,
     patient_left_on_image_right,
     plain,
+    probabilities_to_grid,
     radiograph_gray,
     segmenter_input,
 )
 
 POSITIVE_CLASS = 1  # the classifier's outputs: 0 no radiographic sacroiliitis, 1 radiographic sacroiliitis
-GRADCAM_LAYER = "layer4"  # the classifier's last stage
+
+
+def last_block(classifier: torch.nn.Module) -> str:
+    """The name of ``layer4[-1]``, the app's Grad-CAM target: the last block of the last stage."""
+    return f"layer4.{len(classifier.layer4) - 1}"  # type: ignore[arg-type]
+
+
+class EigenGradCAM(GradCAM):
+    """MONAI's GradCAM with the app's ``eigen_smooth=True`` (pytorch-grad-cam, which needs
+    torchvision and is not a dependency; hand-written here): the gradient-weighted activations
+    projected on their first principal component instead of summed over channels.
+
+    The projection's sign is arbitrary (an SVD's is); it is chosen so that the map agrees with
+    the plain Grad-CAM sum, which makes it the same on every machine.
+    """
+
+    def compute_map(self, x: torch.Tensor, class_idx: int | None = None, retain_graph: bool = False, layer_idx: int = -1, **kwargs: Any) -> torch.Tensor:
+        _, acti, grad = self.nn_module(x, class_idx=class_idx, retain_graph=retain_graph, **kwargs)
+        acti, grad = acti[layer_idx], grad[layer_idx]
+        b, c, *spatial = grad.shape
+        weighted = grad.reshape(b, c, -1).mean(2).reshape(b, c, *[1] * len(spatial)) * acti
+        maps = []
+        for sample in weighted.detach().double():
+            pixels = sample.reshape(c, -1).T  # (pixels, channels)
+            _, _, vh = torch.linalg.svd(pixels - pixels.mean(0), full_matrices=False)
+            projection = pixels @ vh[0]
+            if float((projection * sample.sum(0).reshape(-1)).sum().detach()) < 0:
+                projection = -projection
+            maps.append(projection.reshape(1, *spatial))
+        return torch.nn.functional.relu(torch.stack(maps).to(acti.dtype))
 
 Timer = Callable[[str], AbstractContextManager[Any]]
 
@@ -72,10 +102,19 @@ class AnatomyAwareModel:
         self.segmentation = SegmentationSettings.from_manifest(preprocessing)
         self.classification = ClassificationSettings.from_manifest(preprocessing)
         self.dilation_fraction = float(preprocessing.get("joint_region", {}).get("dilation_fraction", 0.05))
+        self.otsu_trim = bool(preprocessing.get("joint_region", {}).get("otsu_trim", False))
+        self.gradcam_class = str(preprocessing.get("gradcam", {}).get("target", "positive"))
+        if self.gradcam_class not in ("positive", "predicted"):
+            raise ValueError(f"gradcam.target must be positive or predicted, got {self.gradcam_class!r}")
+        self.eigen_smooth = bool(preprocessing.get("gradcam", {}).get("eigen_smooth", False))
         self.inferer = SlidingWindowInferer(
             roi_size=self.segmentation.roi_size, sw_batch_size=sw_batch_size, overlap=self.segmentation.overlap
         )
-        self.keep_largest = KeepLargestConnectedComponent(applied_labels=[SACRUM, LEFT_ILIUM, RIGHT_ILIUM], is_onehot=False)
+        # the app's post-processing: one-hot, the largest component of every class (background
+        # too), argmax; the same map as the app's on an asymmetric input (test_xr_anatomy_orientation)
+        self.keep_largest = Compose(
+            [AsDiscrete(to_onehot=RIGHT_ILIUM + 1), KeepLargestConnectedComponent(), AsDiscrete(argmax=True)]
+        )
         self._gradcam: GradCAM | None = None  # built on first use: it hooks the classifier for good
 
     @classmethod
@@ -84,19 +123,35 @@ class AnatomyAwareModel:
         return cls(networks, manifest.preprocessing, device, sw_batch_size)
 
     # -- steps ---------------------------------------------------------------------------------
-    def segment_small(self, gray: np.ndarray) -> np.ndarray:
-        """Class map on the segmenter's grid (in the radiograph's row/column order): sliding-window
-        inference, argmax, largest connected component per class."""
+    def segment_logits(self, gray: np.ndarray) -> torch.Tensor:
+        """The segmenter's logits (1, classes, S, S) by sliding-window inference, in the network's
+        layout ((columns, rows) where ``transpose`` is set)."""
         image = segmenter_input(gray, self.segmentation).to(self.device)
         with torch.no_grad():
-            logits = self.inferer(image, self.networks.segmenter)
-        labels = plain(logits).argmax(dim=1)  # (1, S, S): channel-first for MONAI
-        small = np.asarray(plain(self.keep_largest(labels.cpu()))[0].numpy(), dtype=np.uint8)
-        return np.ascontiguousarray(small.T) if self.segmentation.transpose else small
+            return plain(self.inferer(image, self.networks.segmenter)).float().cpu()
+
+    def _to_radiograph(self, labels: np.ndarray) -> np.ndarray:
+        """A class map in the network's layout → the radiograph's (rows, columns)."""
+        return np.ascontiguousarray(labels.T) if self.segmentation.transpose else labels
+
+    def segment_small(self, gray: np.ndarray) -> np.ndarray:
+        """Class map on the segmenter's grid, in the radiograph's row/column order: argmax, the
+        largest connected component per class (in the network's layout, as the app: where two
+        components are the same size, which one is kept depends on the scan order)."""
+        labels = self.segment_logits(gray).argmax(dim=1)  # (1, S, S): channel-first for MONAI
+        return self._to_radiograph(self._largest_components(labels))
 
     def segment(self, gray: np.ndarray) -> np.ndarray:
-        """Class map on the radiograph's grid."""
-        return labels_to_grid(self.segment_small(gray), gray.shape)
+        """Class map on the radiograph's grid, resampled as the pack's ``segmentation.resample`` says."""
+        if self.segmentation.resample == "labels":
+            return labels_to_grid(self.segment_small(gray), gray.shape)
+        shape = gray.shape[::-1] if self.segmentation.transpose else gray.shape
+        labels = torch.as_tensor(probabilities_to_grid(self.segment_logits(gray), shape))[None]
+        return self._to_radiograph(self._largest_components(labels))
+
+    def _largest_components(self, labels: torch.Tensor) -> np.ndarray:
+        """(1, H, W) class map → the same with only each class's largest connected component, uint8 (H, W)."""
+        return np.asarray(plain(self.keep_largest(labels))[0].numpy(), dtype=np.uint8)
 
     def classify(self, crop_image: np.ndarray) -> tuple[float, torch.Tensor]:
         """P(radiographic sacroiliitis) for a crop, and the classifier's input (for Grad-CAM)."""
@@ -107,13 +162,22 @@ class AnatomyAwareModel:
         return probability, x
 
     def gradcam_on_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Grad-CAM of the positive class at the last stage, upsampled to the input, in [0, 1] (H, W)."""
+        """Grad-CAM at ``layer4[-1]``, upsampled to the input, in [0, 1] (H, W): of the predicted
+        class (the app) or of the positive class, as the pack's ``gradcam.target`` says; the
+        app's eigen-smoothing where ``gradcam.eigen_smooth`` asks for it."""
         if self._gradcam is None:
-            self._gradcam = GradCAM(nn_module=self.networks.classifier, target_layers=GRADCAM_LAYER, postprocessing=normalize_cam)
+            kind = EigenGradCAM if self.eigen_smooth else GradCAM
+            self._gradcam = kind(nn_module=self.networks.classifier, target_layers=last_block(self.networks.classifier), postprocessing=normalize_cam)
         batch = plain(x)[None].to(self.device)
+        target = POSITIVE_CLASS if self.gradcam_class == "positive" else self.predicted_class(x)
         with torch.enable_grad():
-            cam = self._gradcam(batch, class_idx=POSITIVE_CLASS)
+            cam = self._gradcam(batch, class_idx=target)
         return plain(cam)[0, 0]
+
+    def predicted_class(self, x: torch.Tensor) -> int:
+        """The classifier's argmax class for its input ``x`` (1, H, W)."""
+        with torch.no_grad():
+            return int(self.networks.classifier(plain(x)[None].to(self.device)).argmax(dim=1)[0])
 
     def gradcam(self, x: torch.Tensor, crop: JointCrop, shape: tuple[int, int]) -> np.ndarray:
         """Grad-CAM drawn back onto the whole radiograph (zero outside the crop box)."""
@@ -132,11 +196,16 @@ class AnatomyAwareModel:
         with timed("joint region"):
             classes = ilium_classes(labels, LEFT_ILIUM, RIGHT_ILIUM, left_on_right)
             crop = joint_regions(labels, classes, SACRUM, self.dilation_fraction)
+            if self.otsu_trim:
+                crop = trimmed(crop, gray)
         with timed("classification"):
             probability, x = self.classify(gray[crop.box.slices])
         cam = None
         if with_gradcam:
             with timed("grad-cam"):
                 cam = self.gradcam(x, crop, gray.shape)
-        notes = {"ilium_classes_swapped": classes != {"left": LEFT_ILIUM, "right": RIGHT_ILIUM}}
+        notes: dict[str, Any] = {"ilium_classes_swapped": classes != {"left": LEFT_ILIUM, "right": RIGHT_ILIUM}}
+        if with_gradcam:
+            notes["gradcam_layer"] = last_block(self.networks.classifier)
+            notes["gradcam_class"] = POSITIVE_CLASS if self.gradcam_class == "positive" else int(probability >= 0.5)
         return Analysis(probability, labels, classes, crop, left_on_right, cam, notes)

@@ -23,10 +23,12 @@ pelvic radiograph, and a classification of an arbitrary crop would mean nothing)
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage
+
+from .preprocess import otsu_trim
 
 SIDES = ("left", "right")  # the patient's
 BAND_HALF_WIDTH = 5  # columns either side of a median-height column (published)
@@ -81,6 +83,7 @@ class JointCrop:
     regions: Mapping[str, JointRegion]
     box: Box
     dilation_px: int
+    untrimmed: Box | None = None  # the joint box before the Otsu trim, where it was trimmed
 
     @property
     def fallbacks(self) -> dict[str, str]:
@@ -169,6 +172,14 @@ def joint_regions(labels: np.ndarray, classes: Mapping[str, int], sacrum_class: 
             masks[side], methods[side] = _mirror(masks[other], middle), "mirrored"
     regions = {side: JointRegion(side, masks[side], Box.of(masks[side]), methods[side]) for side in SIDES}
     return JointCrop(regions, regions["left"].box.union(regions["right"].box), extent)
+
+
+def trimmed(crop: JointCrop, gray: np.ndarray) -> JointCrop:
+    """``crop`` with its box shrunk by the published Otsu trim of the boxed radiograph ``gray``."""
+    box = crop.box
+    rows, cols = otsu_trim(gray[box.slices], outside_pixels=gray.size - (box.r1 - box.r0) * (box.c1 - box.c0))
+    inner = Box(box.r0 + rows.start, box.c0 + cols.start, box.r0 + rows.stop, box.c0 + cols.stop)
+    return replace(crop, box=inner, untrimmed=box)
 
 
 def ilium_classes(labels: np.ndarray, first: int, second: int, left_on_image_right: bool) -> dict[str, int]:

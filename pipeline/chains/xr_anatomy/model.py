@@ -43,8 +43,11 @@ PUBLISHED_HYPERPARAMETERS: dict[str, Any] = {
 PUBLISHED_PREPROCESSING: dict[str, Any] = {
     # transpose: the published app loads the radiograph with MONAI's LoadImage, which returns a
     # PNG as (columns, rows), and hands that to the UNet; the network is fed the same layout here.
-    "segmentation": {"size": [768, 768], "gaussian_sigma": 0.1, "roi_size": [512, 512], "overlap": 0.75, "transpose": True},
-    "joint_region": {"dilation_fraction": 0.05},
+    # resample "labels": the app's Invert of its transforms brings the argmax class map back by
+    # nearest neighbour; otsu_trim and gradcam (predicted class, eigen-smoothing, layer4[-1]) as the app.
+    "segmentation": {"size": [768, 768], "gaussian_sigma": 0.1, "roi_size": [512, 512], "overlap": 0.75, "transpose": True, "resample": "labels"},
+    "joint_region": {"dilation_fraction": 0.05, "otsu_trim": True},
+    "gradcam": {"target": "predicted", "eigen_smooth": True},
     "classification": {
         "size": [416, 628],
         "median_size": 3,

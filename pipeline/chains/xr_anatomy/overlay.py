@@ -1,8 +1,8 @@
 """The segmentation as a map for the heatmap writer: bones, joint regions, boxes and side letters.
 
-A :class:`~pipeline.results.Map` is one float channel in [0, 1] that the encoder draws in jet
-colours over the radiograph (transparent below 0.2), so the classes are told apart by value and
-the sides by letters burned into the map:
+A :class:`~pipeline.results.Map` is one float channel in [0, 1] with named categories (the chain
+lists them) that the encoder draws in one colour each with a legend, so the classes are told
+apart by value and the sides by letters burned into the map:
 
 * 0.5 (green): sacrum and both ilia;
 * 0.8 (orange): each joint region the crop was built from;
@@ -22,10 +22,6 @@ from scipy import ndimage
 from .joints import Box, JointCrop
 
 BONE, JOINT, MARK = 0.5, 0.8, 1.0
-CAPTION = (
-    "segmentation: sacrum and ilia 0.5, joint regions 0.8, joint boxes, crop box and "
-    "L/R (patient's left/right ilium) 1.0"
-)
 
 
 @dataclass(frozen=True)

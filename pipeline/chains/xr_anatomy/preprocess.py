@@ -27,7 +27,7 @@ from monai.transforms import (
 from pydicom import Dataset
 from pydicom.pixels import apply_modality_lut
 from scipy import ndimage
-from skimage import exposure
+from skimage import exposure, filters
 
 from pipeline.encode.render import source_frame, voi_grayscale
 
@@ -67,6 +67,16 @@ class SegmentationSettings:
     ``transpose``: the network sees the radiograph as (columns, rows), the layout MONAI's
     LoadImage gives a PNG and the published app fed its UNet (checked: a 100×200 PNG loads as
     200×100); the class map is transposed back. The demonstration pack is trained without it.
+    The app's own way back (``Invert`` of its transforms, then ``Rotate90(k=3)``) is shown to give
+    the same class map in the tests (test_xr_anatomy_orientation.py).
+
+    ``resample``: how the class map gets from the segmenter's grid to the radiograph's.
+    ``"labels"`` (the app: argmax on the network's grid, largest components, nearest-neighbour
+    back) moves a class boundary, and so a crop edge, in steps of one grid cell (8-12 pixels of
+    a radiograph at 192², 3 at 768²) when a logit margin changes sign. ``"probabilities"`` (ours,
+    the default for packs trained here): the softmax is resampled bilinearly to the radiograph
+    and the argmax taken there, so a boundary moves continuously with the logits and a rounding
+    difference moves it by at most a pixel. See the drift notes in packs/xr-anatomy-demo/README.md.
     """
 
     size: tuple[int, int]
@@ -74,6 +84,7 @@ class SegmentationSettings:
     roi_size: tuple[int, int]
     overlap: float
     transpose: bool = False
+    resample: str = "labels"
 
     @classmethod
     def from_manifest(cls, preprocessing: Mapping[str, Any]) -> SegmentationSettings:
@@ -84,7 +95,14 @@ class SegmentationSettings:
             roi_size=tuple(int(v) for v in section["roi_size"]),  # type: ignore[arg-type]
             overlap=float(section["overlap"]),
             transpose=bool(section.get("transpose", False)),
+            resample=_choice(section.get("resample", "labels"), ("labels", "probabilities"), "segmentation.resample"),
         )
+
+
+def _choice(value: Any, allowed: Sequence[str], name: str) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+    return str(value)
 
 
 def segmenter_transform(settings: SegmentationSettings) -> Compose:
@@ -110,10 +128,18 @@ def plain(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.as_tensor() if isinstance(tensor, MetaTensor) else torch.as_tensor(tensor)
 
 
+def probabilities_to_grid(logits: torch.Tensor, shape: Sequence[int]) -> np.ndarray:
+    """Class map on the radiograph's grid from logits (1, C, h, w) on the segmenter's: softmax,
+    bilinear resampling to ``shape`` (pixel centres aligned, as MONAI's Resize), argmax."""
+    probabilities = torch.softmax(logits.float(), dim=1)
+    resized = torch.nn.functional.interpolate(probabilities, size=tuple(shape), mode="bilinear", align_corners=False)
+    return resized.argmax(dim=1)[0].to(torch.uint8).numpy()
+
+
 def labels_to_grid(labels: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     """A class map from the segmenter's grid to the radiograph's (nearest neighbour: classes stay classes)."""
     tensor = torch.as_tensor(labels.astype(np.uint8))[None, None].float()
-    resized = torch.nn.functional.interpolate(tensor, size=tuple(shape), mode="nearest-exact")
+    resized = torch.nn.functional.interpolate(tensor, size=tuple(shape), mode="nearest")
     return resized[0, 0].to(torch.uint8).numpy()
 
 
@@ -138,6 +164,28 @@ class ClassificationSettings:
             unsharp_sigma=float(section["unsharp_sigma"]),
             clahe_clip_limit=float(section["clahe_clip_limit"]),
         )
+
+
+def otsu_trim(crop: np.ndarray, outside_pixels: int = 0) -> tuple[slice, slice]:
+    """The published trim of the joint crop (``threshold_based_crop``): Otsu's threshold splits
+    the boxed image into dark background and the rest, and the crop shrinks to the bounding box
+    of what lies above the threshold.
+
+    In the app the boxed image is the whole 8-bit radiograph with everything outside the box
+    set to zero, so Otsu's histogram holds those zeros too: ``outside_pixels`` adds them to the
+    first bin (scikit-image's Otsu on a histogram; SimpleITK's, which the app used, splits the
+    same 256 levels). Returns the rows and columns of ``crop`` to keep (all of it when nothing
+    lies above the threshold).
+    """
+    levels = np.round(crop * (GRAY_LEVELS - 1)).astype(np.int64)
+    counts = np.bincount(levels.ravel(), minlength=GRAY_LEVELS)
+    counts[0] += int(outside_pixels)
+    threshold = filters.threshold_otsu(hist=(counts, np.arange(GRAY_LEVELS)))
+    foreground = levels > threshold
+    rows, cols = np.flatnonzero(foreground.any(axis=1)), np.flatnonzero(foreground.any(axis=0))
+    if rows.size == 0 or cols.size == 0:
+        return slice(0, crop.shape[0]), slice(0, crop.shape[1])
+    return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
 
 
 def _rescale(image: np.ndarray) -> np.ndarray:

@@ -26,8 +26,6 @@ a 140 MB pack and would not train on a CPU in the time allowed.
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,18 +37,30 @@ from monai.data import MetaTensor
 from torch import nn
 
 from pipeline.evaluation import (
-    BOOTSTRAP_RESAMPLES,
+    CaseResult,
+    OutputSpec,
     auc,
-    evaluate_binary,
-    plot_roc,
+    evaluation_report,
+    manifest_summary,
     threshold_metrics,
+    write_evaluation,
 )
 from pipeline.packs import HELD_OUT, ModelPack, update_evaluation, write_pack
-from pipeline.training import count_parameters, seed_ranges, split_by_patient
+from pipeline.training import (
+    FitResult,
+    count_parameters,
+    fit,
+    optimizer_step,
+    progress_display,
+    seed_everything,
+    seed_ranges,
+    split_by_patient,
+    write_training_report,
+)
 
 from .data import LEFT_ILIUM, RIGHT_ILIUM, SACRUM, PhantomRadiograph, find_radiographs
 from .importer import PUBLISHED_THRESHOLD
-from .joints import Box, JointRegionError, ilium_classes, joint_regions
+from .joints import Box, JointRegionError, ilium_classes, joint_regions, trimmed
 from .model import Networks, build_networks
 from .preprocess import (
     ClassificationSettings,
@@ -75,8 +85,12 @@ DEMO_HYPERPARAMETERS: dict[str, Any] = {
     },
 }
 DEMO_PREPROCESSING: dict[str, Any] = {
-    "segmentation": {"size": [192, 192], "gaussian_sigma": 0.1, "roi_size": [192, 192], "overlap": 0.75},
-    "joint_region": {"dilation_fraction": 0.05},
+    # resample "probabilities" (a deviation from the app, which resamples the argmax labels): at
+    # 192² one grid cell is 8-12 radiograph pixels, and a crop edge that jumps by a cell moved the
+    # demo classifier's probability by up to 0.25 (see SegmentationSettings).
+    "segmentation": {"size": [192, 192], "gaussian_sigma": 0.1, "roi_size": [192, 192], "overlap": 0.75, "resample": "probabilities"},
+    "joint_region": {"dilation_fraction": 0.05, "otsu_trim": True},
+    "gradcam": {"target": "predicted", "eigen_smooth": True},
     "classification": {
         "size": [208, 314],  # half the published 416×628, same aspect
         "median_size": 3,
@@ -98,9 +112,7 @@ CLASSIFIER_BATCH = 8
 MIX_FRACTION = 0.5  # share of each batch whose halves come from two studies (mix_halves)
 
 
-def _log(enabled: bool, message: str) -> None:
-    if enabled:
-        print(message, file=sys.stderr, flush=True)
+OUTPUT = "radiographic_sacroiliitis"
 
 
 # -------------------------------------------------------------------------------------- data
@@ -117,7 +129,7 @@ def jitter_box(box: Box, shape: Sequence[int], rng: np.random.Generator, fractio
 
 
 def prepare(
-    studies: Sequence[PhantomRadiograph], preprocessing: dict[str, Any], seed: int, progress: bool
+    studies: Sequence[PhantomRadiograph], preprocessing: dict[str, Any], seed: int, bar: Any = None
 ) -> dict[str, torch.Tensor]:
     """Segmenter inputs/targets, and two classifier crops per study with their lesion masks, as tensors."""
     segmentation = SegmentationSettings.from_manifest(preprocessing)
@@ -126,15 +138,16 @@ def prepare(
     rng = np.random.default_rng(seed)
     columns: dict[str, list[torch.Tensor]] = {k: [] for k in ("images", "targets", "crops", "jittered", "lesions", "lesions_jittered")}
     labels, grades = [], []
-    start = time.perf_counter()
-    for index, study in enumerate(studies):
+    task = bar.add_task("prepare radiographs", total=len(studies), status="") if bar is not None else None
+    for study in studies:
         gray = radiograph_gray(study.dataset())
         truth = study.anatomy_labels()
         lesions = study.lesion_mask()
         columns["images"].append(segmenter_input(gray, segmentation)[0].half())
         columns["targets"].append(torch.as_tensor(labels_to_grid(truth, segmentation.size))[None])
         # The phantom is displayed L\F: the left ilium lies on the image's right.
-        box = joint_regions(truth, ilium_classes(truth, LEFT_ILIUM, RIGHT_ILIUM, True), SACRUM).box
+        crop = joint_regions(truth, ilium_classes(truth, LEFT_ILIUM, RIGHT_ILIUM, True), SACRUM)
+        box = (trimmed(crop, gray) if preprocessing.get("joint_region", {}).get("otsu_trim") else crop).box
         for suffix, region in (("", box), ("_jittered", jitter_box(box, gray.shape, rng))):
             crop_key = "crops" if not suffix else "jittered"
             columns[crop_key].append(plain(classifier_input(gray[region.slices], classification)).half())
@@ -142,8 +155,8 @@ def prepare(
             columns["lesions" + suffix].append((plain(resize(mask)) > 0.5).to(torch.uint8))
         labels.append(int(study.positive))
         grades.append(study.grades)
-        if progress and (index + 1) % 20 == 0:
-            _log(True, f"  prepared {index + 1}/{len(studies)} studies ({time.perf_counter() - start:.0f} s)")
+        if bar is not None:
+            bar.advance(task)
     tensors = {k: torch.stack(v) for k, v in columns.items()}
     tensors["targets"] = tensors["targets"].long()
     tensors["labels"] = torch.as_tensor(labels)
@@ -174,8 +187,9 @@ def _flip_segmentation(images: torch.Tensor, targets: torch.Tensor) -> tuple[tor
 
 def train_segmenter(
     segmenter: nn.Module, data: dict[str, torch.Tensor], train_idx: list[int], val_idx: list[int],
-    epochs: int, seed: int, progress: bool,
-) -> dict[str, float]:
+    epochs: int, seed: int, bar: Any = None,
+) -> FitResult:
+    """Dice + cross-entropy, one-cycle schedule, left-right flips (ilium classes swapped) and contrast jitter; keeps the last epoch."""
     from monai.losses import DiceCELoss
 
     generator = torch.Generator().manual_seed(seed)
@@ -184,10 +198,9 @@ def train_segmenter(
     batch = 8
     steps = max(1, epochs * int(np.ceil(len(train_idx) / batch)))
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.15)
-    val_loss = float("nan")
     train_t = torch.as_tensor(train_idx)
-    for epoch in range(epochs):
-        segmenter.train()
+
+    def train_epoch(epoch: int) -> dict[str, float]:
         order = train_t[torch.randperm(len(train_t), generator=generator)]
         total = 0.0
         for start in range(0, len(order), batch):
@@ -196,16 +209,16 @@ def train_segmenter(
             if torch.rand(1, generator=generator) < 0.5:
                 images, targets = _flip_segmentation(images, targets)
             images = images * (1 + 0.2 * (torch.rand(1, generator=generator) - 0.5))  # contrast jitter
-            loss = loss_fn(segmenter(images), targets)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total += loss.item() * len(index)
-        val_loss = _segmenter_loss(segmenter, data, val_idx, loss_fn)
-        _log(progress, f"  segmenter epoch {epoch + 1}/{epochs}: train {total / len(order):.4f}, validation {val_loss:.4f}")
-    segmenter.eval()
-    return {"epochs": epochs, "validation_loss": round(val_loss, 4), "dice": _dice(segmenter, data, val_idx)}
+            total += optimizer_step(optimizer, loss_fn(segmenter(images), targets), schedule) * len(index)
+        return {"train_loss": total / len(order)}
+
+    result = fit(
+        segmenter, epochs, train_epoch, lambda: {"validation_loss": _segmenter_loss(segmenter, data, val_idx, loss_fn)},
+        phase="segmenter", selection="last", progress=bar,
+    )
+    if result.history:
+        result.history[-1]["dice"] = _dice(segmenter, data, val_idx)
+    return result
 
 
 def _segmenter_loss(segmenter: nn.Module, data: dict[str, torch.Tensor], index: list[int], loss_fn: nn.Module) -> float:
@@ -294,8 +307,9 @@ def mix_halves(
 
 def train_classifier(
     classifier: nn.Module, data: dict[str, torch.Tensor], train_idx: list[int], val_idx: list[int],
-    epochs: int, seed: int, progress: bool,
-) -> dict[str, float]:
+    epochs: int, seed: int, bar: Any = None,
+) -> FitResult:
+    """Class-weighted cross-entropy + the lesion probe, one-cycle schedule; keeps the last epoch."""
     generator = torch.Generator().manual_seed(seed + 1)
     labels = data["labels"]
     counts = torch.bincount(labels[train_idx], minlength=2).float().clamp_min(1)
@@ -306,38 +320,40 @@ def train_classifier(
     batch = CLASSIFIER_BATCH
     steps = max(1, epochs * int(np.ceil(len(train_idx) / batch)))
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=CLASSIFIER_LR, total_steps=steps, pct_start=0.2)
-    val_loss = val_auc = float("nan")
     train_t = torch.as_tensor(train_idx)
+
+    def train_epoch(epoch: int) -> dict[str, float]:
+        order = train_t[torch.randperm(len(train_t), generator=generator)]
+        total = 0.0
+        for start in range(0, len(order), batch):
+            index = order[start : start + batch]
+            if len(index) < 2:  # BatchNorm1d in the head needs two samples
+                continue
+            use_jittered = (torch.rand(len(index), generator=generator) < 0.5)[:, None, None, None]
+            x = torch.where(use_jittered, data["jittered"][index], data["crops"][index]).float()
+            lesions = torch.where(use_jittered, data["lesions_jittered"][index], data["lesions"][index])
+            flip = (torch.rand(len(index), generator=generator) < 0.5)[:, None, None, None]
+            x = torch.where(flip, x.flip(-1), x)
+            lesions = torch.where(flip, lesions.flip(-1), lesions)
+            x, lesions, targets = mix_halves(x, lesions, data["grades"][index], flip.flatten(), generator)
+            x = augment_intensity(x, generator)
+            total += optimizer_step(optimizer, loss_fn(classifier(x), targets) + LESION_WEIGHT * probe.loss(lesions), schedule) * len(index)
+        return {"train_loss": total / len(order)}
+
+    def validate() -> dict[str, float]:
+        loss, area = _classifier_validation(classifier, data, val_idx, loss_fn)
+        return {"validation_loss": loss, "validation_auc_ground_truth_crops": area}
+
     try:
-        for epoch in range(epochs):
-            classifier.train()
-            order = train_t[torch.randperm(len(train_t), generator=generator)]
-            total = 0.0
-            for start in range(0, len(order), batch):
-                index = order[start : start + batch]
-                if len(index) < 2:  # BatchNorm1d in the head needs two samples
-                    continue
-                use_jittered = (torch.rand(len(index), generator=generator) < 0.5)[:, None, None, None]
-                x = torch.where(use_jittered, data["jittered"][index], data["crops"][index]).float()
-                lesions = torch.where(use_jittered, data["lesions_jittered"][index], data["lesions"][index])
-                flip = (torch.rand(len(index), generator=generator) < 0.5)[:, None, None, None]
-                x = torch.where(flip, x.flip(-1), x)
-                lesions = torch.where(flip, lesions.flip(-1), lesions)
-                x, lesions, targets = mix_halves(x, lesions, data["grades"][index], flip.flatten(), generator)
-                gamma = torch.exp(0.2 * (torch.rand(len(index), 1, 1, 1, generator=generator) - 0.5))
-                x = x.clamp_min(0) ** gamma  # brightness jitter, stays in [0, 1]
-                loss = loss_fn(classifier(x), targets) + LESION_WEIGHT * probe.loss(lesions)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                total += loss.item() * len(index)
-            val_loss, val_auc = _classifier_validation(classifier, data, val_idx, loss_fn)
-            _log(progress, f"  classifier epoch {epoch + 1}/{epochs}: train {total / len(order):.4f}, validation {val_loss:.4f} (AUC {val_auc:.3f})")
+        return fit(classifier, epochs, train_epoch, validate, phase="classifier", selection="last", progress=bar)
     finally:
         probe.remove()
-    classifier.eval()
-    return {"epochs": epochs, "validation_loss": round(val_loss, 4), "validation_auc_ground_truth_crops": round(val_auc, 4)}
+
+
+def augment_intensity(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Brightness (gamma) jitter per sample, staying in [0, 1]."""
+    gamma = torch.exp(0.2 * (torch.rand(len(x), 1, 1, 1, generator=generator) - 0.5))
+    return x.clamp_min(0) ** gamma
 
 
 def _classifier_validation(classifier: nn.Module, data: dict[str, torch.Tensor], index: list[int], loss_fn: nn.Module) -> tuple[float, float]:
@@ -356,22 +372,20 @@ def train(data: Path, out: Path, *, epochs: int | None = None, seed: int = 0, pr
     from pipeline.phantom import GENERATOR_VERSION
 
     torch.set_num_threads(1)  # the node's CPU is shared
-    torch.manual_seed(seed)
+    seed_everything(seed)
     started = time.perf_counter()
     studies = find_radiographs(data)
     train_idx, val_idx = split(studies, seed)
-    _log(progress, f"xr-anatomy: {len(studies)} phantom radiographs ({len(train_idx)} training, {len(val_idx)} validation)")
-    tensors = prepare(studies, DEMO_PREPROCESSING, seed, progress)
-    prepared_s = time.perf_counter() - started
-    networks = build_networks(DEMO_HYPERPARAMETERS)
-    segmenter_report = train_segmenter(
-        networks.segmenter, tensors, train_idx, val_idx, epochs or SEGMENTER_EPOCHS, seed, progress
-    )
-    classifier_report = train_classifier(
-        networks.classifier, tensors, train_idx, val_idx, epochs or CLASSIFIER_EPOCHS, seed, progress
-    )
-    validation = _validate_pipeline(networks, [studies[i] for i in val_idx], progress)
+    with progress_display(progress) as bar:
+        tensors = prepare(studies, DEMO_PREPROCESSING, seed, bar)
+        prepared_s = time.perf_counter() - started
+        networks = build_networks(DEMO_HYPERPARAMETERS)
+        segmenter_fit = train_segmenter(networks.segmenter, tensors, train_idx, val_idx, epochs or SEGMENTER_EPOCHS, seed, bar)
+        classifier_fit = train_classifier(networks.classifier, tensors, train_idx, val_idx, epochs or CLASSIFIER_EPOCHS, seed, bar)
+        validation = _validate_pipeline(networks, [studies[i] for i in val_idx])
     elapsed = time.perf_counter() - started
+    segmenter_report = {"epochs": len(segmenter_fit.history), **{k: v for k, v in segmenter_fit.history[-1].items() if k in ("validation_loss", "dice")}}
+    classifier_report = {"epochs": len(classifier_fit.history), **{k: v for k, v in classifier_fit.history[-1].items() if k.startswith("validation")}}
     manifest = {
         "name": "xr-anatomy-demo",
         "version": "1.0.0",
@@ -418,11 +432,33 @@ def train(data: Path, out: Path, *, epochs: int | None = None, seed: int = 0, pr
         },
     }
     pack = write_pack(out, manifest, networks.state_dict())
-    _log(progress, f"xr-anatomy: wrote {pack.folder} in {elapsed:.0f} s")
+    write_training_report(
+        Path(out),
+        chain="xr-anatomy",
+        seed=seed,
+        seconds=elapsed,
+        parameters=count_parameters(networks.segmenter) + count_parameters(networks.classifier),
+        phases=[segmenter_fit, classifier_fit],
+        split={"training": [studies[i].folder.name for i in train_idx], "validation": [studies[i].folder.name for i in val_idx]},
+        recipe={
+            "hyperparameters": DEMO_HYPERPARAMETERS,
+            "preprocessing": DEMO_PREPROCESSING,
+            "validation_fraction": VALIDATION_FRACTION,
+            "box_jitter": BOX_JITTER,
+            "classifier_lr": CLASSIFIER_LR,
+            "classifier_weight_decay": CLASSIFIER_WEIGHT_DECAY,
+            "classifier_batch": CLASSIFIER_BATCH,
+            "lesion_weight": LESION_WEIGHT,
+            "lesion_pos_weight": LESION_POS_WEIGHT,
+            "mix_fraction": MIX_FRACTION,
+            "optimizer": "AdamW, one-cycle learning rate; the last epoch is kept",
+        },
+        extra={"validation": validation, "preparation_seconds": round(prepared_s, 1)},
+    )
     return pack
 
 
-def _validate_pipeline(networks: Networks, studies: Sequence[PhantomRadiograph], progress: bool) -> dict[str, Any]:
+def _validate_pipeline(networks: Networks, studies: Sequence[PhantomRadiograph]) -> dict[str, Any]:
     """The whole pipeline (predicted segmentation → crop → classifier) on the validation studies."""
     from .inference import AnatomyAwareModel
 
@@ -439,111 +475,84 @@ def _validate_pipeline(networks: Networks, studies: Sequence[PhantomRadiograph],
     metrics = threshold_metrics(np.array(labels), np.array(scores), THRESHOLD)
     summary = {"n": len(studies), "auc": round(auc(np.array(labels), np.array(scores)), 4)}
     summary.update({k: round(metrics[k], 4) for k in ("balanced_accuracy", "sensitivity", "specificity")})
-    _log(progress, f"  validation (whole pipeline): {summary}")
     return summary
 
 
 # -------------------------------------------------------------------------------- evaluation
 def evaluate(pack: ModelPack, data: Path, out: Path) -> dict[str, Any]:
-    """Held-out evaluation of a pack: AUC, balanced accuracy, sensitivity and specificity at the
-    pack's threshold with bootstrap 95 % CIs, a ROC plot, and segmentation quality (Dice per class,
-    the share of each ground-truth joint inside the crop box)."""
+    """Held-out evaluation of a pack in the shared report (:mod:`pipeline.evaluation`): AUC,
+    sensitivity, specificity, ... at the pack's threshold with bootstrap 95 % CIs, per-subgroup
+    sensitivity/specificity (mNY grade, lesion kinds), a ROC plot; per study also segmentation
+    quality (Dice per class, the share of each ground-truth joint inside the crop box)."""
     from .inference import AnatomyAwareModel
 
     torch.set_num_threads(1)
-    threshold = pack.manifest.output("radiographic_sacroiliitis").threshold
+    started = time.perf_counter()
+    threshold = pack.manifest.output(OUTPUT).threshold
     model = AnatomyAwareModel.from_pack(pack.manifest, pack.load_state_dict())
     studies = find_radiographs(data)
-    rows = []
+    results = []
     for study in studies:
         truth = study.anatomy_labels()
         joints = study.joint_masks()
+        case = CaseResult(
+            study=study.folder.name,
+            probabilities={OUTPUT: None},
+            labels={OUTPUT: int(study.positive)},
+            subgroups=study.subgroups,
+            details={"seed": study.seed, "grades": list(study.grades)},
+        )
         try:
             analysis = model.analyze(study.dataset(), with_gradcam=False)
         except JointRegionError as error:
-            rows.append({"study": study.folder.name, "label": int(study.positive), "probability": 0.0, "error": str(error)})
+            case.error = str(error)
+            results.append(case)
             continue
         labels = analysis.labels
         # the network's ilium classes by patient side (it may have swapped them), against the truth's
         classes = (("sacrum", SACRUM, SACRUM), ("left_ilium", analysis.classes["left"], LEFT_ILIUM), ("right_ilium", analysis.classes["right"], RIGHT_ILIUM))
         dice = {name: _dice_score(labels == found, truth == expected) for name, found, expected in classes}
         coverage = {side: float(joints[side][analysis.crop.box.slices].sum()) / max(int(joints[side].sum()), 1) for side in joints}
-        rows.append(
+        case.probabilities[OUTPUT] = analysis.probability
+        case.details.update(
             {
-                "study": study.folder.name,
-                "label": int(study.positive),
-                "grades": list(study.grades),
-                "probability": round(analysis.probability, 5),
+                "crop_box": analysis.crop.box.as_list(),
                 "dice": {k: round(v, 4) for k, v in dice.items()},
                 "joint_coverage": {k: round(v, 4) for k, v in coverage.items()},
                 "fallbacks": analysis.crop.fallbacks,
             }
         )
-    labels = np.array([r["label"] for r in rows])
-    scores = np.array([r["probability"] for r in rows])
-    estimates = evaluate_binary(labels, scores, threshold)
-    metrics = {name: estimates[name].as_dict() for name in ("auc", "balanced_accuracy", "sensitivity", "specificity")}
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    roc = plot_roc({pack.manifest.name: (labels, scores)}, out / "roc.png", "xr-anatomy: radiographic sacroiliitis")
-    segmented = [r for r in rows if "dice" in r]
-    summary = {
-        "n": len(rows),
-        "positives": int(labels.sum()),
-        "threshold": threshold,
+        results.append(case)
+    segmented = [c.details for c in results if "dice" in c.details]
+    extra = {
         "segmentation_dice_mean": {
-            k: round(float(np.mean([r["dice"][k] for r in segmented])), 4) for k in ("sacrum", "left_ilium", "right_ilium")
+            k: round(float(np.mean([d["dice"][k] for d in segmented])), 4) for k in ("sacrum", "left_ilium", "right_ilium")
         } if segmented else {},
-        "joint_coverage_min": round(float(min(min(r["joint_coverage"].values()) for r in segmented)), 4) if segmented else None,
-        "failures": [r["study"] for r in rows if "error" in r],
+        "joint_coverage_min": round(float(min(min(d["joint_coverage"].values()) for d in segmented)), 4) if segmented else None,
     }
-    report_path = out / "evaluation.json"
-    report_path.write_text(json.dumps({"pack": pack.manifest.name, "version": pack.manifest.version, "metrics": metrics, **summary, "studies": rows}, indent=2) + "\n")
-    (out / "evaluation.md").write_text(_markdown(pack, metrics, summary, data))
-    if out.resolve() == pack.folder.resolve():
+    manifest = pack.manifest
+    seeds = seed_ranges([s.seed for s in studies])
+    report = evaluation_report(
+        results,
+        [OutputSpec(OUTPUT, threshold, description="softmax probability of radiographic sacroiliitis (mNY), whole pipeline")],
+        pack={"name": manifest.name, "version": manifest.version, "chain": manifest.chain, "weights_sha256": manifest.weights.sha256, "demo": manifest.demo},
+        data={"folder": str(Path(data)), "studies": len(studies), "seeds": seeds, "label": "radiographic sacroiliitis (modified New York), from ground_truth.json"},
+        seconds=time.perf_counter() - started,
+        extra=extra,
+    )
+    outputs = [OutputSpec(OUTPUT, threshold)]
+    paths = write_evaluation(
+        Path(out), report, results, outputs,
+        title=f"Evaluation of {manifest.name} {manifest.version} on {len(results)} held-out phantom radiographs",
+        notes=[
+            "**Demonstration on synthetic phantoms, not a clinical validation.**",
+            "",
+            f"Segmentation Dice (mean, full resolution): {extra['segmentation_dice_mean']}. "
+            f"Smallest share of a ground-truth joint inside the crop box: {extra['joint_coverage_min']}.",
+        ],
+    )
+    if Path(out).resolve() == pack.folder.resolve():
         # the manifest then says what the pack was measured to do
-        update_evaluation(pack, HELD_OUT, held_out_summary(metrics, summary, studies))
-    return {"variants": {"": metrics}, "roc_png": str(roc), "report": str(report_path), **summary}
-
-
-def held_out_summary(
-    metrics: dict[str, dict[str, float]], summary: dict[str, Any], studies: Sequence[PhantomRadiograph]
-) -> dict[str, Any]:
-    """The held-out evaluation as the manifest records it (``evaluation.held_out``)."""
-    return {
-        "data": (
-            f"{summary['n']} phantom radiographs (seeds {seed_ranges([s.seed for s in studies])}, "
-            f"{summary['positives']} with radiographic "
-            "sacroiliitis), none among the training studies"
-        ),
-        **{name: {k: round(v, 4) for k, v in m.items()} for name, m in metrics.items()},
-        "segmentation_dice_mean": summary["segmentation_dice_mean"],
-        "report": "evaluation.md",
-    }
-
-
-def _markdown(pack: ModelPack, metrics: dict[str, dict[str, float]], summary: dict[str, Any], data: Path) -> str:
-    lines = [
-        f"# Evaluation of {pack.manifest.name} {pack.manifest.version}",
-        "",
-        (
-            f"{summary['n']} held-out phantom radiographs ({summary['positives']} with radiographic sacroiliitis) "
-            f"from `{data.name}`; decision at p >= {summary['threshold']:g}; 95 % CIs by bootstrap over studies "
-            f"({BOOTSTRAP_RESAMPLES} resamples)."
-        ),
-        "",
-        "| metric | value | 95 % CI |",
-        "|---|---|---|",
-    ]
-    for name, m in metrics.items():
-        lines.append(f"| {name} | {m['value']:.3f} | {m['ci95_low']:.3f}–{m['ci95_high']:.3f} |")
-    lines += [
-        "",
-        f"Segmentation Dice (mean, full resolution): {summary['segmentation_dice_mean']}.",
-        f"Smallest share of a ground-truth joint inside the crop box: {summary['joint_coverage_min']}.",
-        f"Studies without a joint region: {summary['failures'] or 'none'}.",
-        "",
-        "ROC curve: `roc.png`. Per-study numbers: `evaluation.json`.",
-        "",
-    ]
-    return "\n".join(lines)
+        summary = manifest_summary(report, f"{len(studies)} phantom radiographs (seeds {seeds}, {report['outputs'][OUTPUT]['positives']} with radiographic sacroiliitis), none among the training studies")
+        update_evaluation(pack, HELD_OUT, {**summary, "segmentation_dice_mean": extra["segmentation_dice_mean"]})
+    return {"outputs": report["outputs"], "roc_png": str(paths["roc_png"]), "report": str(paths["report"]), **extra}
