@@ -468,3 +468,57 @@ def test_phantom_series_become_contour_samples_and_levelled_joint_crops(quadrant
     used = labels["R1R2"] >= 0
     assert sum(truth.values()) == 1 and truth["edema_upper_ilium"] == 1
     assert used.sum() >= 10
+
+
+# ---------------------------------------------------------------- contouring training pieces
+
+
+def test_augmentation_moves_image_maps_and_field_together(coronal_t1):
+    from pipeline.chains.t1stir_quadrants.contour import contour_rms_mm
+    from pipeline.chains.t1stir_quadrants.preprocess import SquareFrame
+    from pipeline.chains.t1stir_quadrants.targets import contour_targets
+    from pipeline.chains.t1stir_quadrants.train import Augmentation, Similarity, walk_outputs
+
+    lines, datasets = coronal_t1
+    frame = SquareFrame(*lines.shape[1:])
+    index = len(datasets) // 2
+    polylines = _ground_truth_polylines(lines[index], datasets[index], frame)
+    targets = contour_targets(polylines, (224, 224))
+    image = np.zeros((224, 224), np.float32)
+    image[100, 60] = 1.0
+    spacing = frame.grid_spacing_mm(datasets[0].PixelSpacing)
+    rng = np.random.default_rng(3)
+    for _ in range(3):
+        move = Similarity.random(rng, 224, Augmentation())
+        warped_image, warped = move.warp(image, targets)
+        np.testing.assert_allclose(
+            np.unravel_index(warped_image.argmax(), warped_image.shape), move.points([100.0, 60.0], 224), atol=1.0
+        )
+        for joint, walk in walk_outputs(warped).items():
+            assert walk.ok, walk.failure
+            assert contour_rms_mm(walk.vertices, move.points(polylines[joint], 224), spacing) < 0.6
+
+
+def test_contour_loss_weights_heatmap_peaks_and_learns_a_batch():
+    from pipeline.chains.t1stir_quadrants.model import build_contour_unet, Hyperparameters
+    from pipeline.chains.t1stir_quadrants.targets import contour_targets
+    from pipeline.chains.t1stir_quadrants.train import contour_loss
+
+    vertices = np.stack([np.linspace(10, 50, 20), np.linspace(40, 44, 20)], axis=1)
+    target = torch.tensor(contour_targets({"left": vertices, "right": vertices[:, ::-1] * [1, 0] + [0, 20]}, (64, 64)))[None]
+    zero = torch.zeros_like(target)
+    peak_only = zero.clone()
+    peak_only[:, 0] = target[:, 0]
+    assert contour_loss(peak_only, target) < contour_loss(zero, target)
+    assert contour_loss(target, target) == 0
+    torch.manual_seed(0)
+    unet = build_contour_unet(Hyperparameters(unet_features=(8, 8, 16, 16, 32, 8), contour_size=64))
+    optimizer = torch.optim.Adam(unet.parameters(), lr=1e-3, betas=(0.9, 0.999))
+    image = torch.randn(1, 1, 64, 64)
+    first = contour_loss(unet(image), target).item()
+    for _ in range(30):
+        optimizer.zero_grad()
+        loss = contour_loss(unet(image), target)
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.5 * first
