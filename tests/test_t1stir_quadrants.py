@@ -214,6 +214,18 @@ def _ground_truth_polylines(line: np.ndarray, dataset, frame) -> dict:
     return polylines
 
 
+def _middle_slice(coronal_t1):
+    """The middle slice's true polylines, targets and grid spacing (mm)."""
+    from pipeline.chains.t1stir_quadrants.preprocess import SquareFrame
+    from pipeline.chains.t1stir_quadrants.targets import contour_targets
+
+    lines, datasets = coronal_t1
+    frame = SquareFrame(*lines.shape[1:])
+    index = len(datasets) // 2
+    polylines = _ground_truth_polylines(lines[index], datasets[index], frame)
+    return polylines, contour_targets(polylines, (224, 224)), frame.grid_spacing_mm(datasets[0].PixelSpacing)
+
+
 def test_square_frame_maps_points_as_the_image_is_resampled():
     from pipeline.chains.t1stir_quadrants.preprocess import SquareFrame
 
@@ -281,14 +293,9 @@ def test_walk_failure_rules():
 
 
 def test_left_right_flip_swaps_the_joint_channels(coronal_t1):
-    from pipeline.chains.t1stir_quadrants.preprocess import SquareFrame
     from pipeline.chains.t1stir_quadrants.targets import contour_targets, flip_left_right
 
-    lines, datasets = coronal_t1
-    frame = SquareFrame(*lines.shape[1:])
-    index = len(datasets) // 2
-    polylines = _ground_truth_polylines(lines[index], datasets[index], frame)
-    targets = contour_targets(polylines, (224, 224))
+    polylines, targets, _ = _middle_slice(coronal_t1)
     image = np.arange(224 * 224, dtype=np.float32).reshape(224, 224)
     flipped_image, flipped = flip_left_right(image, targets)
     mirror = lambda v: np.stack([v[:, 0], 223 - v[:, 1]], axis=1)  # noqa: E731
@@ -475,18 +482,11 @@ def test_phantom_series_become_contour_samples_and_levelled_joint_crops(quadrant
 
 def test_augmentation_moves_image_maps_and_field_together(coronal_t1):
     from pipeline.chains.t1stir_quadrants.contour import contour_rms_mm
-    from pipeline.chains.t1stir_quadrants.preprocess import SquareFrame
-    from pipeline.chains.t1stir_quadrants.targets import contour_targets
     from pipeline.chains.t1stir_quadrants.train import Augmentation, Similarity, walk_outputs
 
-    lines, datasets = coronal_t1
-    frame = SquareFrame(*lines.shape[1:])
-    index = len(datasets) // 2
-    polylines = _ground_truth_polylines(lines[index], datasets[index], frame)
-    targets = contour_targets(polylines, (224, 224))
+    polylines, targets, spacing = _middle_slice(coronal_t1)
     image = np.zeros((224, 224), np.float32)
     image[100, 60] = 1.0
-    spacing = frame.grid_spacing_mm(datasets[0].PixelSpacing)
     rng = np.random.default_rng(3)
     for _ in range(3):
         move = Similarity.random(rng, 224, Augmentation())
