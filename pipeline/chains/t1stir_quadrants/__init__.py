@@ -15,7 +15,14 @@ Built so far (the chain is not registered in config.yaml yet):
 * :mod:`.contour` -- walking the field from the start peak to the end peak (documented step,
   stop and failure rules) and the paper's contour RMS error in mm;
 * :mod:`.regions` -- levelling rotation from the joints' upper / lower points, one static box
-  per joint, quadrants (upper / lower by mid-height, ilium / sacrum by the joint line).
+  per joint, quadrants (upper / lower by mid-height, ilium / sacrum by the joint line);
+* :mod:`.data` -- phantom series as canonical 224-grid slices, contouring samples, levelled
+  per-joint crops and the simulated readers' labels per joint;
+* :mod:`.train` -- contouring augmentation (the paper's ranges, field vectors turned with the
+  warp), loss, and contour errors of walked network outputs.
+
+Not built yet: contouring / classifier trainers on the shared harness, inference and Grad-CAM,
+``chain.py`` (findings through the result model), the demo pack; see issue 13.
 
 Torch is imported by the submodules only, so importing this package costs nothing.
 """
