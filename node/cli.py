@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from pydicom.uid import UID
 from rich.console import Console
 from rich.table import Table
 
@@ -220,9 +221,16 @@ def cmd_show(args: argparse.Namespace, config: Config) -> int:
     )
     console.print(
         _table(
+            "Objects received",
+            ["kind", "SOP class", "count"],
+            [[o["kind"], UID(o["sop_class_uid"]).name or o["sop_class_uid"], o["count"]] for o in detail["objects"]],
+        )
+    )
+    console.print(
+        _table(
             "Jobs",
-            ["id", "chain", "version", "state", "attempts", "finished", "error"],
-            [[j.id, j.chain, j.study_version, j.state, j.attempts, _ago(j.finished_at), j.error] for j in detail["jobs"]],
+            ["id", "chain", "result", "study version", "state", "attempts", "finished", "error"],
+            [[j.id, j.chain, j.result_version, j.study_version, j.state, j.attempts, _ago(j.finished_at), j.error] for j in detail["jobs"]],
         )
     )
     console.print(

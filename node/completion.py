@@ -62,7 +62,11 @@ def complete_study(store: Store, config: Config, study_uid: str, new_version: bo
     note = "; ".join(routing.lines) if chains else "no chain is configured"
     if not jobs:
         note = f"no applicable chain ({note})"
-    version = store.complete_study(study_uid, study.last_received_at, decisions, jobs, note, new_version=new_version)
+    completed = store.complete_study(study_uid, study.last_received_at, decisions, jobs, note, new_version=new_version)
+    version = completed.version if completed is not None else None
+    # Chains whose inputs did not change since their last result get no job (no new version).
+    jobs = [job for job in jobs if completed is not None and job.chain in completed.created]
+    note = completed.note if completed is not None else note
     log_event(
         log,
         logging.INFO,
@@ -70,6 +74,7 @@ def complete_study(store: Store, config: Config, study_uid: str, new_version: bo
         study_uid=study_uid,
         version=version,
         jobs=[job.chain for job in jobs],
+        unchanged=sorted(completed.unchanged) if completed is not None else [],
         series=len(series),
     )
     return CompletionResult(study_uid, version, jobs, note)

@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.classify import DEFAULT_TILT_TOLERANCE_DEG, ClassificationRule, check_rule_names
-from pipeline.route import ChainSpec
+from pipeline.route import DEFAULT_SERIES_BASE, SERIES_BLOCK, ChainSpec
 
 
 class _Strict(BaseModel):
@@ -59,8 +59,9 @@ class ReceiverConfig(_Strict):
     ae_title: AETitle = "SIJNODE"
     bind: str = "0.0.0.0"
     port: Port = 11112
-    # Accept every storage SOP class, not just the image classes the chains use.
-    accept_any_storage: bool = False
+    # Accept every storage SOP class (SR, KOS, PR, SEG, PDF, RT, ...), so that a PACS pushing a
+    # whole study never fails because of the node; false: only MR/CT/CR/DX/SC image classes.
+    accept_any_storage: bool = True
     # Calling AE titles allowed besides the peers'; "allow_any_calling_ae" lifts the check.
     extra_calling_ae_titles: list[AETitle] = []
     allow_any_calling_ae: bool = False
@@ -213,6 +214,24 @@ class Config(_Strict):
             duplicates = sorted({n for n in names if names.count(n) > 1})
             if duplicates:
                 raise ValueError(f"{what}: duplicate name(s) {', '.join(duplicates)}")
+        return self
+
+    @model_validator(mode="after")
+    def _series_blocks(self) -> "Config":
+        """Give each chain without ``series.base`` one (9100, 9200, ... by position) and refuse
+        chains whose blocks of series numbers overlap: PACS would show two series #N."""
+        self.chains = [
+            chain if chain.series.base is not None
+            else chain.model_copy(update={"series": chain.series.model_copy(update={"base": DEFAULT_SERIES_BASE + SERIES_BLOCK * index})})
+            for index, chain in enumerate(self.chains)
+        ]
+        ordered = sorted(self.chains, key=lambda chain: chain.series.base)
+        for lower, upper in zip(ordered, ordered[1:]):
+            if upper.series.base < lower.series.base + SERIES_BLOCK:
+                raise ValueError(
+                    f"chains {lower.name} and {upper.name}: series.base {lower.series.base} and {upper.series.base} are less than "
+                    f"{SERIES_BLOCK} apart; each chain needs its own block of {SERIES_BLOCK} series numbers"
+                )
         return self
 
     @property

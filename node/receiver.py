@@ -7,6 +7,7 @@ C-STORE failure status and the association carries on.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import ssl
 import threading
@@ -14,8 +15,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 from pydicom import Dataset
-from pydicom.uid import UID
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, build_context, evt
+from pydicom.uid import UID, AllTransferSyntaxes
+from pynetdicom import AE, AllStoragePresentationContexts, build_context, evt
 from pynetdicom.sop_class import (
     ComputedRadiographyImageStorage,
     CTImageStorage,
@@ -35,7 +36,8 @@ from node.admission import AdmissionPolicy, GatedAssociationServer, GuardedACSE,
 from node.config import Config
 from node.logs import log_event
 from node.validation import InstanceRejected, Status, check_structure, check_usable, read_instance
-from pipeline.classify import header_summary
+from pipeline.classify import INPUT_SOP_CLASSES, header_summary, sijnode_result_evidence
+from storage.models import InstanceKind
 from storage.spool import Spool, SpoolFullError
 from storage.store import IncomingInstance, Store
 
@@ -70,15 +72,37 @@ ACCEPTED_TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2.4.91",  # JPEG 2000
     "1.2.840.10008.1.2.5",  # RLE Lossless
 ]
+# Objects that are never inputs are stored as received and never decoded: every transfer syntax
+# pydicom knows, except those whose pixel data lives elsewhere (JPIP) or is a raw video/audio
+# stream (SMPTE ST 2110), which pydicom cannot read as a dataset's pixel data.
+NON_INPUT_TRANSFER_SYNTAXES = [
+    str(uid) for uid in AllTransferSyntaxes if not uid.startswith(("1.2.840.10008.1.2.4.204", "1.2.840.10008.1.2.4.205", "1.2.840.10008.1.2.7."))
+]
 
 
 def presentation_contexts(accept_any_storage: bool) -> list:
-    """The SCP's supported contexts: the image classes (or every storage class) plus Verification."""
-    classes = [cx.abstract_syntax for cx in AllStoragePresentationContexts] if accept_any_storage else IMAGE_STORAGE_CLASSES
-    syntaxes = ALL_TRANSFER_SYNTAXES if accept_any_storage else ACCEPTED_TRANSFER_SYNTAXES
-    contexts = [build_context(uid, syntaxes) for uid in classes]
+    """The SCP's supported contexts plus Verification.
+
+    With ``accept_any_storage`` (the default) every storage SOP class pynetdicom knows, so that a
+    PACS pushing a whole study (SR, KOS, presentation states, SEG, PDF, RT, ...) never fails
+    because of the node: input-capable image classes in the syntaxes the chains decode, the rest
+    in every syntax it can store as received. Without it, only the image classes.
+    """
+    classes = [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts] if accept_any_storage else list(IMAGE_STORAGE_CLASSES)
+    contexts = [
+        build_context(uid, ACCEPTED_TRANSFER_SYNTAXES if uid in IMAGE_STORAGE_CLASSES or uid in INPUT_SOP_CLASSES else NON_INPUT_TRANSFER_SYNTAXES)
+        for uid in classes
+    ]
     contexts.append(build_context(Verification))
     return contexts
+
+
+def instance_kind(dataset: Dataset, sop_class_uid: str) -> str:
+    """What the object is to the node, from its header: a sijnode result, an input-capable image,
+    or a non-input object (the store turns a known output UID into own-result)."""
+    if sijnode_result_evidence(dataset) is not None:
+        return InstanceKind.SIJNODE_RESULT
+    return InstanceKind.INPUT if sop_class_uid in INPUT_SOP_CLASSES else InstanceKind.NON_INPUT
 
 
 def _text(dataset: Dataset, keyword: str, limit: int = 64) -> str | None:
@@ -247,17 +271,25 @@ class Receiver:
             raise InstanceRejected(
                 Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOP Class/Instance UID differ from the C-STORE request"
             )
+        kind = instance_kind(dataset, uids["SOPClassUID"])
         try:
-            check_usable(dataset)
+            if kind == InstanceKind.INPUT:
+                # Only what a chain may read must be usable; other objects are stored as received
+                # and never decoded (a PACS's video or HTJ2K object must not fail a study push).
+                check_usable(dataset)
         except InstanceRejected:
             raise
         except Exception as error:  # a value the checks could not even convert
             raise InstanceRejected(Status.CANNOT_UNDERSTAND, f"dataset cannot be decoded: {type(error).__name__}") from None
         relative = self.spool.instance_path(uids["StudyInstanceUID"], uids["SeriesInstanceUID"], uids["SOPInstanceUID"])
+        digest = None
         if self.config.storage.duplicates == "keep-first" and self.spool.exists(relative):
             size = 0  # idempotent: the first copy stays (the path is derived from the UIDs)
         else:
             size = self.spool.write_atomic(relative, request.encoded)
+            if self.config.storage.duplicates == "replace":
+                # A re-send may replace the instance: its digest tells a real change from a copy.
+                digest = hashlib.sha256(request.encoded).hexdigest()
         return IncomingInstance(
             study_uid=uids["StudyInstanceUID"],
             series_uid=uids["SeriesInstanceUID"],
@@ -268,6 +300,8 @@ class Receiver:
             size_bytes=size,
             calling_ae_title=request.calling_ae_title,
             header=lambda: header_summary(dataset),
+            kind=kind,
+            digest=digest,
             **facts,
         )
 

@@ -15,11 +15,13 @@ import threading
 import traceback
 from pathlib import Path
 
+from pydicom import dcmread
+
 from node.config import Config, load_config
 from node.logs import log_event, redact, setup_logging
 from node.summary import update_study_summary, write_results
 from pipeline.chains import Chain, RuntimeSettings, SeriesInput, StudyInputs, load_chain
-from pipeline.route import ChainSpec
+from pipeline.route import ChainSpec, OutputPlan
 from storage.spool import Spool
 from storage.models import JobState
 from storage.store import ClaimedJob, ProducedObject, Store
@@ -55,7 +57,10 @@ class Worker:
         job = self.store.claim_job(self.name, settings.lease_seconds, settings.max_attempts)
         if job is None:
             return False
-        log_event(log, logging.INFO, "job started", job_id=job.id, chain=job.chain, study_uid=job.study_uid, attempt=job.attempts)
+        log_event(
+            log, logging.INFO, "job started", job_id=job.id, chain=job.chain, study_uid=job.study_uid,
+            attempt=job.attempts, result_version=job.result_version,
+        )
         stop_renewing = threading.Event()
         renewer = threading.Thread(target=self._renew_lease, args=(job.id, stop_renewing), daemon=True)
         renewer.start()
@@ -79,6 +84,11 @@ class Worker:
             log_event(log, logging.WARNING, "job result discarded: the job was taken over", job_id=job.id)
         return True
 
+    def output_plan(self, job: ClaimedJob) -> OutputPlan:
+        """The job's result version, its series numbers and names, and the SR it supersedes."""
+        previous = [dcmread(self.spool.absolute(path), stop_before_pixels=True) for path in job.previous_sr_paths]
+        return OutputPlan.for_chain(self.spec(job.chain).series, job.result_version, previous)
+
     def _summarise(self, job: ClaimedJob) -> None:
         """The study summary, once the study's last job has ended; its failure fails no job."""
         try:
@@ -94,6 +104,7 @@ class Worker:
                 for key, paths in job.input_paths.items()
             },
             options=dict(self.spec(job.chain).options),
+            output=self.output_plan(job),
         )
         return write_results(self.spool, job.study_uid, job.id, self.chain(job.chain).produce(inputs))
 

@@ -52,6 +52,8 @@ from pydicom.multival import MultiValue
 __all__ = [
     "BUILTIN_RULES",
     "DEFAULT_TILT_TOLERANCE_DEG",
+    "INPUT_SOP_CLASSES",
+    "SIJNODE_MANUFACTURER",
     "Classification",
     "ClassificationRule",
     "Condition",
@@ -64,6 +66,7 @@ __all__ = [
     "header_summary",
     "plane_from_orientation",
     "plane_from_view_position",
+    "sijnode_result_evidence",
     "trace_classification",
 ]
 
@@ -103,6 +106,7 @@ SUMMARY_KEYWORDS: tuple[str, ...] = (
     "MagneticFieldStrength",
     "ImageType",
     "SeriesDescription",
+    "StudyDescription",
     "ProtocolName",
     "SequenceName",
     "PulseSequenceName",
@@ -368,6 +372,7 @@ class ClassificationRule(BaseModel):
     role: Role
     plane: Plane | None = None  # None: computed from ImageOrientationPatient / ViewPosition
     counts_as_input: bool = True
+    note: str | None = None  # a sentence put before the evidence in the reason `explain` shows
 
     @field_validator("match", mode="before")
     @classmethod
@@ -485,6 +490,59 @@ _XR_SOP_CLASSES = [
     "1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography Image Storage
     "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray Image Storage - For Presentation
 ]
+_MR_SOP_CLASSES = [
+    "1.2.840.10008.5.1.4.1.1.4",  # MR Image Storage
+    "1.2.840.10008.5.1.4.1.1.4.1",  # Enhanced MR Image Storage
+    "1.2.840.10008.5.1.4.1.1.4.4",  # Legacy Converted Enhanced MR Image Storage
+]
+
+#: The storage SOP classes a series can be a chain input in. Everything else a PACS sends (SR,
+#: KOS, presentation states, SEG, PDF, RT, Secondary Capture, raw "for processing" DX, other
+#: modalities) is acknowledged and kept as a non-input object: it never (re-)opens a study.
+INPUT_SOP_CLASSES: frozenset[str] = frozenset(_MR_SOP_CLASSES + _CT_SOP_CLASSES + _XR_SOP_CLASSES)
+
+#: The Manufacturer every object the node writes carries (pipeline.encode uses this constant).
+SIJNODE_MANUFACTURER = "sijnode"
+
+
+def sijnode_result_evidence(ds: pydicom.Dataset) -> str | None:
+    """Why an object looks like a sijnode result (this node's or another's), or None.
+
+    Results carry Manufacturer "sijnode" at the top level and in the "processing algorithm" item
+    of their ContributingEquipmentSequence (which a PACS or workstation that edits the object
+    keeps while it may rewrite the top level).
+    """
+    if str(ds.get("Manufacturer", "") or "").strip() == SIJNODE_MANUFACTURER:
+        return f"Manufacturer '{SIJNODE_MANUFACTURER}'"
+    for item in ds.get("ContributingEquipmentSequence", None) or []:
+        if str(item.get("Manufacturer", "") or "").strip() == SIJNODE_MANUFACTURER:
+            device = str(item.get("DeviceUID", "") or "")
+            return f"contributing equipment '{SIJNODE_MANUFACTURER}'" + (f" (device {device})" if device else "")
+    return None
+
+
+# Anatomy and projection evidence for projection radiographs and CT (only pelvic ones are inputs).
+# Pelvic words in the defined terms of BodyPartExamined (PS3.16 Annex L: PELVIS, SIJOINT, SACRUM,
+# ABDOMENPELVIS) and in descriptions, in the languages of the phantoms' vendors and sites
+# (Becken, bekken, bassin, bacino; ISG = Iliosakralgelenk).
+_PELVIC = (
+    r"(?i)pelv|becken|bekken|bassin|bacino|sacr[ou]m|sakrum|kreuzbein|sacro[ -]?iliac|iliosa[ck]ral"
+    r"|(?<![a-z])(?:sij(?:oint)?s?|isgs?|si[ -]?(?:joints?|gelenke?))(?![a-z])"
+)
+# A BodyPartExamined that names another region: then descriptions cannot make it pelvic.
+_NOT_PELVIC_BODY_PART = (
+    r"(?i)chest|thorax|lung|breast|head|skull|brain|neck|face|sinus|orbit|dental|jaw|hand|finger"
+    r"|wrist|arm|elbow|shoulder|clavicle|knee|leg|ankle|foot|toe|heel|femur|tibia|extremit"
+    r"|[cto]spine|lspine|cervical|thoracic|lumbar|^spine$|wholespine|abdomen$|^abd$|heart|cardiac"
+)
+# Frontal projection: ViewPosition AP/PA, or "a.p."/"AP"/"PA" written in a description.
+_FRONTAL = r"(?i)(?<![a-z])(?:a\.?\s?p|p\.?\s?a)(?![a-z])|frontal|anterior[ -]?posterior"
+_NOT_FRONTAL_VIEW = r"(?i)^(?!\s*(?:AP|PA)\s*$).+"  # a ViewPosition is given and it is not AP/PA
+_XR_OBJECT = {"Modality|SOPClassUID": r"^(?:CR|DX)$|^1\.2\.840\.10008\.5\.1\.4\.1\.1\.1(?:\.1)?$"}
+_CT_OBJECT = {"Modality|SOPClassUID": r"^CT$|^1\.2\.840\.10008\.5\.1\.4\.1\.1\.2(?:\.[12])?$"}
+_DESCRIPTIONS = "SeriesDescription|StudyDescription|ProtocolName"
+_PELVIC_EVIDENCE = {f"BodyPartExamined|{_DESCRIPTIONS}": _PELVIC}
+_NOT_PELVIC: list[dict[str, Any]] = [{"BodyPartExamined": _NOT_PELVIC_BODY_PART}]
 
 
 def _rule(name: str, match: dict[str, Any], role: Role, **fields: Any) -> ClassificationRule:
@@ -539,13 +597,50 @@ _EXCLUSION_RULES: list[ClassificationRule] = [
         Role.OTHER,
         counts_as_input=False,
     ),
+    # Any other storage class (parametric maps, SEG, waveforms, US, NM, ...): never a chain input.
+    _rule(
+        "exclude-non-input-sop-class",
+        {"SOPClassUID": {"regex": "."}},
+        Role.OTHER,
+        unless=[{"SOPClassUID": sorted(INPUT_SOP_CLASSES)}],
+        counts_as_input=False,
+    ),
 ]
 
 _ROLE_RULES: list[ClassificationRule] = [
-    _rule("ct-modality", {"Modality": ["CT"]}, Role.CT),
-    _rule("ct-sop-class", {"SOPClassUID": _CT_SOP_CLASSES}, Role.CT),
-    _rule("xr-modality", {"Modality": ["CR", "DX"]}, Role.XR),
-    _rule("xr-sop-class", {"SOPClassUID": _XR_SOP_CLASSES}, Role.XR),
+    # CT counts only with evidence of the pelvis: a chest or head CT is not a sacroiliac CT.
+    _rule("ct-pelvis", {**_CT_OBJECT, **_PELVIC_EVIDENCE}, Role.CT, unless=_NOT_PELVIC),
+    _rule(
+        "ct-not-pelvis", {**_CT_OBJECT, "BodyPartExamined": _NOT_PELVIC_BODY_PART}, Role.OTHER,
+        counts_as_input=False, note="not a pelvis CT: the body part examined is another region",
+    ),
+    _rule(
+        "ct-without-pelvis-evidence", _CT_OBJECT, Role.OTHER, counts_as_input=False,
+        note="not a pelvis CT: neither BodyPartExamined nor a description names the pelvis or sacroiliac joints",
+    ),
+    # A radiograph counts only as a frontal (AP/PA) view of the pelvis or sacroiliac joints, what
+    # the radiograph chains are trained on; chest, spine, hand, lateral and oblique views do not.
+    _rule(
+        "xr-pelvis-frontal",
+        {**_XR_OBJECT, **_PELVIC_EVIDENCE, f"ViewPosition|{_DESCRIPTIONS}": _FRONTAL},
+        Role.XR,
+        unless=[*_NOT_PELVIC, {"ViewPosition": _NOT_FRONTAL_VIEW}],
+    ),
+    _rule(
+        "xr-not-pelvis", {**_XR_OBJECT, "BodyPartExamined": _NOT_PELVIC_BODY_PART}, Role.OTHER,
+        counts_as_input=False, note="not a pelvic radiograph: the body part examined is another region",
+    ),
+    _rule(
+        "xr-not-frontal", {**_XR_OBJECT, "ViewPosition": _NOT_FRONTAL_VIEW}, Role.OTHER,
+        counts_as_input=False, note="not a frontal (AP/PA) view, which the radiograph chains need",
+    ),
+    _rule(
+        "xr-without-frontal-pelvis-evidence", _XR_OBJECT, Role.OTHER, counts_as_input=False,
+        note=(
+            "not counted as a pelvic radiograph: needs the pelvis or sacroiliac joints in BodyPartExamined "
+            "or a description, and an AP/PA ViewPosition or 'a.p.'/'p.a.' in a description"
+        ),
+    ),
     # Dixon series come as in/opp/water/fat with identical timing; which one a chain wants is
     # a site decision (config rule), so by default none of them takes a role.
     _rule("mr-dixon", {**_MR, _NAMES: _DIXON_NAME}, Role.OTHER),
@@ -793,7 +888,7 @@ def classify_series(
         outcome = _evaluate(rule, summary)
         if not outcome.matched:
             continue
-        reason = "; ".join(outcome.evidence)
+        reason = "; ".join([rule.note, *outcome.evidence] if rule.note else outcome.evidence)
         if rule.plane is not None:
             plane, tilt = rule.plane, None
             reason += f"; plane {rule.plane.value} set by the rule"

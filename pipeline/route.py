@@ -11,9 +11,10 @@ process stays free of torch.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -21,7 +22,10 @@ from pipeline.classify import Plane, Role
 
 __all__ = [
     "ChainRequirement",
+    "ChainSeries",
     "ChainSpec",
+    "OutputKind",
+    "OutputPlan",
     "RoutedJob",
     "RoutingPlan",
     "SeriesCandidate",
@@ -60,6 +64,76 @@ class ChainRequirement(BaseModel):
         return f"{self.role.value} {planes}"
 
 
+class OutputKind(str, Enum):
+    """The kinds of objects a chain sends back, each in a series of its own."""
+
+    SR = "sr"
+    HEATMAPS = "heatmaps"
+    PARAMETRIC_MAPS = "parametric_maps"
+    OVERLAYS = "overlays"
+
+
+#: Series number of each kind relative to the chain's base, for result version 1.
+KIND_OFFSETS: dict[OutputKind, int] = {
+    OutputKind.SR: 0,
+    OutputKind.HEATMAPS: 1,
+    OutputKind.PARAMETRIC_MAPS: 2,
+    OutputKind.OVERLAYS: 3,
+}
+#: Each result version moves the chain's series numbers up by this much, within a block of
+#: SERIES_BLOCK numbers per chain; version 11 reuses version 1's numbers (its description
+#: still says "result 11").
+VERSION_STRIDE = 10
+SERIES_BLOCK = 100
+#: First base given to chains without series.base: 9100, 9200, ... in declaration order.
+DEFAULT_SERIES_BASE = 9100
+
+
+class ChainSeries(BaseModel):
+    """Series numbers and descriptions of a chain's results (config.yaml ``chains[].series``).
+
+    Result version v of kind k is series number ``base + offset(k) + 10 * ((v - 1) % 10)``: the
+    SR of version 1 is base, its heatmaps base+1, parametric maps base+2, overlays base+3;
+    version 2 uses base+10 .. base+13, and so on. So every chain's series sort together in
+    PACS, no two series of a study share a number (for ten versions), and the same chain, kind
+    and version always get the same number.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # None: DEFAULT_SERIES_BASE + SERIES_BLOCK x the chain's position in the config.
+    base: Annotated[int, Field(ge=1, le=2**31 - 1 - SERIES_BLOCK)] | None = None
+    # Replaces "AI <kind> <pack> <version>"; the demonstration mark and "result N" are kept.
+    descriptions: dict[OutputKind, Annotated[str, Field(min_length=1, max_length=40)]] = Field(default_factory=dict)
+
+    def number(self, kind: OutputKind, version: int, base: int | None = None) -> int:
+        start = base if base is not None else (self.base if self.base is not None else DEFAULT_SERIES_BASE)
+        return start + KIND_OFFSETS[kind] + VERSION_STRIDE * ((version - 1) % (SERIES_BLOCK // VERSION_STRIDE))
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """How a job's objects are numbered and named: handed from the worker to the encoders."""
+
+    version: int = 1
+    numbers: Mapping[OutputKind, int] = field(
+        default_factory=lambda: {kind: 9000 + offset for kind, offset in KIND_OFFSETS.items()}
+    )
+    descriptions: Mapping[OutputKind, str] = field(default_factory=dict)  # missing: the encoder's default
+    # The SR(s) of the previous result version (headers suffice): the new SR's Predecessor
+    # Documents Sequence points at them.
+    previous_versions: Sequence[Any] = ()
+
+    @classmethod
+    def for_chain(cls, series: ChainSeries, version: int, previous_versions: Sequence[Any] = ()) -> OutputPlan:
+        return cls(
+            version=version,
+            numbers={kind: series.number(kind, version) for kind in OutputKind},
+            descriptions=dict(series.descriptions),
+            previous_versions=tuple(previous_versions),
+        )
+
+
 class ChainSpec(BaseModel):
     """One analysis chain as declared in config.yaml."""
 
@@ -71,6 +145,7 @@ class ChainSpec(BaseModel):
     enabled: bool = True
     requires: list[ChainRequirement] = Field(min_length=1)  # no requirement would match every study
     options: dict[str, Any] = Field(default_factory=dict)
+    series: ChainSeries = Field(default_factory=ChainSeries)
 
     @field_validator("implementation")
     @classmethod

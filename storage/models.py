@@ -61,6 +61,17 @@ class DeliveryState:
     FAILED = "failed"
 
 
+class InstanceKind:
+    """What a received object is to the node (decided when it is recorded)."""
+
+    INPUT = "input"  # a storage class a chain can take (MR, CT, CR, DX); classified at completion
+    NON_INPUT = "non-input"  # SR, KOS, PR, SEG, PDF, RT, SC, ...: kept, never (re-)opens a study
+    OWN_RESULT = "own-result"  # an object this node produced, come back (known SOP Instance UID)
+    SIJNODE_RESULT = "sijnode-result"  # another sijnode's result (Manufacturer "sijnode")
+
+    NOT_OPENING = frozenset({NON_INPUT, OWN_RESULT, SIJNODE_RESULT})
+
+
 class Study(Base):
     __tablename__ = "studies"
 
@@ -111,6 +122,10 @@ class Instance(Base):
     size_bytes: Mapped[int]
     calling_ae_title: Mapped[str | None] = mapped_column(String(16))
     received_at: Mapped[datetime]
+    kind: Mapped[str] = mapped_column(String(16), default=InstanceKind.INPUT, server_default=InstanceKind.INPUT)
+    # sha256 of the received bytes, kept only under duplicates: replace (where a re-send may
+    # change an instance); the input fingerprint of a job tells a real replacement from a re-send.
+    digest: Mapped[str | None] = mapped_column(String(64))
 
 
 class Job(Base):
@@ -125,6 +140,11 @@ class Job(Base):
     chain: Mapped[str] = mapped_column(String(64))
     study_version: Mapped[int]
     inputs: Mapped[dict[str, Any]] = mapped_column(JSON)  # input key -> series UID
+    # The chain's own result version for this study (1, 2, ...): in its series descriptions and
+    # numbers; a new one only when the input fingerprint changed or on `sijnode reprocess`.
+    result_version: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    # sha256 over the chosen series and their instances (UID, and digest under replace).
+    input_fingerprint: Mapped[str | None] = mapped_column(String(64))
     state: Mapped[str] = mapped_column(String(16), default=JobState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)

@@ -7,10 +7,11 @@ short transaction, so any process can die between two of them and the next start
 from __future__ import annotations
 
 import collections
+import hashlib
 import random
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -27,6 +28,7 @@ from storage.models import (
     DestinationHealth,
     Heartbeat,
     Instance,
+    InstanceKind,
     Job,
     JobState,
     Output,
@@ -58,6 +60,10 @@ class IncomingInstance:
     calling_ae_title: str | None = None
     # Computed only for the first instance of a series (pipeline.classify.header_summary).
     header: Callable[[], dict[str, Any]] | None = None
+    # InstanceKind as far as the header tells (input, non-input, sijnode-result); recording
+    # makes it own-result when the SOP Instance UID is one of this node's outputs.
+    kind: str = InstanceKind.INPUT
+    digest: str | None = None  # sha256 of the received bytes, under duplicates: replace
 
 
 class RecordOutcome:
@@ -71,6 +77,7 @@ class RecordOutcome:
 _KNOWN_INSTANCES = select(Instance.sop_instance_uid, Instance.study_uid).where(
     Instance.sop_instance_uid.in_(bindparam("uids", expanding=True))
 )
+_OWN_OUTPUTS = select(Output.sop_instance_uid).where(Output.sop_instance_uid.in_(bindparam("uids", expanding=True)))
 _TOUCH_RECEIVING_STUDY = (
     update(Study)
     .where(Study.study_uid == bindparam("b_study_uid"), Study.state == StudyState.RECEIVING)
@@ -89,8 +96,17 @@ _REPLACE_INSTANCE = (
         size_bytes=bindparam("b_size_bytes"),
         transfer_syntax_uid=bindparam("b_transfer_syntax_uid"),
         received_at=bindparam("b_now", type_=UTCDateTime()),
+        digest=bindparam("b_digest"),
     )
 )
+# Instances of a series in a stable order, for the input fingerprint of a job.
+_SERIES_CONTENT = (
+    select(Instance.sop_instance_uid, Instance.digest)
+    .where(Instance.series_uid == bindparam("b_series_uid"))
+    .order_by(Instance.sop_instance_uid)
+)
+# The SR storage classes (PS3.4 Annex B: 1.2.840.10008.5.1.4.1.1.88.x): what a predecessor is.
+_SR_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
 
 
 def _instance_row(incoming: IncomingInstance, now: datetime) -> dict[str, Any]:
@@ -105,6 +121,8 @@ def _instance_row(incoming: IncomingInstance, now: datetime) -> dict[str, Any]:
         size_bytes=incoming.size_bytes,
         calling_ae_title=incoming.calling_ae_title,
         received_at=now,
+        kind=incoming.kind,
+        digest=incoming.digest,
     )
 
 
@@ -161,6 +179,16 @@ class NewJob:
 
 
 @dataclass(frozen=True)
+class CompletedStudy:
+    """What a completion wrote: the study version, the jobs created and the chains left alone."""
+
+    version: int
+    created: list[str]  # chains that got a job (a new result version)
+    unchanged: dict[str, int]  # chain -> its current result version, whose inputs did not change
+    note: str = ""  # the routing note as stored on the study
+
+
+@dataclass(frozen=True)
 class ClaimedJob:
     id: int
     study_uid: str
@@ -170,6 +198,9 @@ class ClaimedJob:
     inputs: dict[str, str]
     # input key -> spool-relative paths of that series' instances, in instance-number order
     input_paths: dict[str, list[str]] = field(default_factory=dict)
+    result_version: int = 1
+    # spool-relative paths of the SR(s) of the chain's previous result version, if it has one
+    previous_sr_paths: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -271,7 +302,10 @@ class Store:
         """
         now = utcnow()
         with self.engine.begin() as connection:
-            known = dict(connection.execute(_KNOWN_INSTANCES, {"uids": [i.sop_instance_uid for i in batch]}).all())
+            uids = [i.sop_instance_uid for i in batch]
+            known = dict(connection.execute(_KNOWN_INSTANCES, {"uids": uids}).all())
+            batch = self._with_own_results(connection, batch)
+            self._count_non_inputs(connection, batch)
             outcomes: list[str] = []
             new: list[IncomingInstance] = []
             replacing: list[IncomingInstance] = []
@@ -295,8 +329,12 @@ class Store:
                 connection.execute(_TOUCH_RECEIVING_STUDY, {"b_study_uid": study_uid, "b_now": now, "b_added": 0})
             added_per_study = collections.Counter(i.study_uid for i in new)
             first_of_study = {i.study_uid: i for i in reversed([*new, *replacing])}
+            # Only input-capable instances (re-)open a study; SR, KOS, PR, own results... never do.
+            opening = {i.study_uid for i in [*new, *replacing] if i.kind not in InstanceKind.NOT_OPENING}
             for study_uid, first in first_of_study.items():
-                self._touch_study(connection, first, now, late_instances, added=added_per_study[study_uid])
+                self._touch_study(
+                    connection, first, now, late_instances, added=added_per_study[study_uid], opens=study_uid in opening
+                )
             added_per_series = collections.Counter(i.series_uid for i in new)
             first_of_series = {i.series_uid: i for i in reversed(new)}
             for series_uid, first in first_of_series.items():
@@ -327,12 +365,40 @@ class Store:
                         "b_size_bytes": incoming.size_bytes,
                         "b_transfer_syntax_uid": incoming.transfer_syntax_uid,
                         "b_now": now,
+                        "b_digest": incoming.digest,
                     },
                 )
             return outcomes
 
-    def _touch_study(self, connection: Connection, incoming: IncomingInstance, now: datetime, late_instances: str, added: int) -> None:
-        """Note arrivals on the study, creating it or re-opening it when it had completed."""
+    @staticmethod
+    def _with_own_results(connection: Connection, batch: Sequence[IncomingInstance]) -> list[IncomingInstance]:
+        """The batch with the kind of each of this node's own outputs set to own-result.
+
+        Only objects that do not look like images a chain takes can be outputs, so only those
+        are looked up: the receive path of a plain MR study pays no extra query.
+        """
+        candidates = [i.sop_instance_uid for i in batch if i.kind != InstanceKind.INPUT]
+        if not candidates:
+            return list(batch)
+        own = set(connection.scalars(_OWN_OUTPUTS, {"uids": candidates}))
+        return [replace(i, kind=InstanceKind.OWN_RESULT) if i.sop_instance_uid in own else i for i in batch]
+
+    def _count_non_inputs(self, connection: Connection, batch: Sequence[IncomingInstance]) -> None:
+        """Every receipt of a result (ours or another sijnode's) and of another non-input object."""
+        kinds = collections.Counter(i.kind for i in batch)
+        results = kinds[InstanceKind.OWN_RESULT] + kinds[InstanceKind.SIJNODE_RESULT]
+        if results:
+            self._count(connection, "own_results_returned", results)
+        if kinds[InstanceKind.NON_INPUT]:
+            self._count(connection, "non_input_objects", kinds[InstanceKind.NON_INPUT])
+
+    def _touch_study(
+        self, connection: Connection, incoming: IncomingInstance, now: datetime, late_instances: str, added: int, opens: bool = True
+    ) -> None:
+        """Note arrivals on the study, creating it or re-opening it when it had completed.
+
+        Without ``opens`` (only non-input objects arrived) a completed study stays complete.
+        """
         parameters = {"b_study_uid": incoming.study_uid, "b_now": now, "b_added": added}
         if connection.execute(_TOUCH_RECEIVING_STUDY, parameters).rowcount:
             return  # the common case: more instances for a study still arriving
@@ -352,7 +418,9 @@ class Store:
         )
         values = dict(last_received_at=now, instance_count=Study.instance_count + added)
         state = connection.execute(select(Study.state).where(Study.study_uid == incoming.study_uid)).scalar()
-        if state == StudyState.COMPLETE:
+        if state == StudyState.COMPLETE and not opens:
+            values = dict(instance_count=Study.instance_count + added)
+        elif state == StudyState.COMPLETE:
             if late_instances == "reprocess":
                 values.update(state=StudyState.RECEIVING, version=Study.version + 1, completed_at=None)
             else:
@@ -385,12 +453,14 @@ class Store:
         jobs: Sequence[NewJob],
         routing_note: str,
         new_version: bool = False,
-    ) -> int | None:
+    ) -> CompletedStudy | None:
         """Mark a study complete, store its classifications and create its jobs, atomically.
 
         ``seen_last_received_at`` is the study's last arrival when the caller classified it: if an
         instance came since, nothing is written and None is returned (the study stays receiving).
-        With ``new_version`` (reprocess) the study's version is bumped first. Returns the version.
+        A routed chain gets a job (its next result version) only when its input fingerprint
+        differs from that of its latest job for the study; with ``new_version`` (reprocess) the
+        study's version is bumped and every routed chain gets a job.
         """
         now = utcnow()
         with self.session() as session, session.begin():
@@ -398,7 +468,7 @@ class Store:
             if study is None or study.last_received_at != seen_last_received_at:
                 return None
             if study.state == StudyState.COMPLETE and not new_version:
-                return study.version
+                return CompletedStudy(study.version, [], {}, study.routing_note or "")
             if new_version:
                 study.version += 1
             for decision in decisions:
@@ -414,7 +484,19 @@ class Store:
                         reason=decision.reason,
                     )
                 )
+            created: list[str] = []
+            unchanged: dict[str, int] = {}
             for job in jobs:
+                fingerprint = self._input_fingerprint(session, job.inputs)
+                latest = session.execute(
+                    select(Job.result_version, Job.input_fingerprint)
+                    .where(Job.study_uid == study_uid, Job.chain == job.chain)
+                    .order_by(Job.result_version.desc())
+                    .limit(1)
+                ).first()
+                if latest is not None and latest.input_fingerprint == fingerprint and not new_version:
+                    unchanged[job.chain] = latest.result_version
+                    continue
                 self._insert_ignore(
                     session,
                     Job,
@@ -422,16 +504,32 @@ class Store:
                         study_uid=study_uid,
                         chain=job.chain,
                         study_version=study.version,
+                        result_version=latest.result_version + 1 if latest is not None else 1,
+                        input_fingerprint=fingerprint,
                         inputs=job.inputs,
                         state=JobState.PENDING,
                         attempts=0,
                         created_at=now,
                     ),
                 )
+                created.append(job.chain)
+            notes = [f"chain '{chain}': inputs unchanged since result {version}, not run again" for chain, version in unchanged.items()]
             study.state = StudyState.COMPLETE
             study.completed_at = now
-            study.routing_note = routing_note
-            return study.version
+            study.routing_note = "; ".join([routing_note, *notes])
+            return CompletedStudy(study.version, created, unchanged, study.routing_note)
+
+    @staticmethod
+    def _input_fingerprint(session: Session, inputs: Mapping[str, str]) -> str:
+        """sha256 over a job's input series and their instances (UID and, under replace, digest):
+        it changes when an instance is added to or replaced in an input series, or when routing
+        picks another series; re-sends, other series and non-input objects leave it alone."""
+        digest = hashlib.sha256()
+        for key, series_uid in sorted(inputs.items()):
+            digest.update(f"{key}={series_uid}\n".encode())
+            for sop_instance_uid, content in session.execute(_SERIES_CONTENT, {"b_series_uid": series_uid}):
+                digest.update(f"{sop_instance_uid}:{content or ''}\n".encode())
+        return digest.hexdigest()
 
     # -- jobs ------------------------------------------------------------------------------------
 
@@ -475,7 +573,41 @@ class Store:
                     .order_by(Instance.instance_number, Instance.sop_instance_uid)
                 )
                 paths[key] = [row.path for row in rows]
-            return ClaimedJob(job.id, job.study_uid, job.chain, job.study_version, job.attempts, dict(job.inputs), paths)
+            return ClaimedJob(
+                job.id,
+                job.study_uid,
+                job.chain,
+                job.study_version,
+                job.attempts,
+                dict(job.inputs),
+                paths,
+                job.result_version,
+                self._previous_sr_paths(session, job),
+            )
+
+    @staticmethod
+    def _previous_sr_paths(session: Session, job: Job) -> list[str]:
+        """The SR output(s) of the chain's latest finished result version before ``job``'s."""
+        previous = session.scalar(
+            select(Job.id)
+            .where(
+                Job.study_uid == job.study_uid,
+                Job.chain == job.chain,
+                Job.state == JobState.DONE,
+                Job.result_version < job.result_version,
+            )
+            .order_by(Job.result_version.desc())
+            .limit(1)
+        )
+        if previous is None:
+            return []
+        return list(
+            session.scalars(
+                select(Output.path)
+                .where(Output.job_id == previous, Output.sop_class_uid.startswith(_SR_CLASS_PREFIX))
+                .order_by(Output.sop_instance_uid)
+            )
+        )
 
     def finish_job(self, job_id: int, worker: str, produced: Sequence[ProducedObject], destinations: Iterable[str]) -> bool:
         """Record a job's outputs and queue one delivery per destination, atomically.
@@ -734,7 +866,24 @@ class Store:
                     .order_by(Delivery.id)
                 )
             )
-            return {"study": study, "series": [_series_record(s) for s in series], "jobs": jobs, "outputs": outputs, "deliveries": deliveries}
+            objects = [
+                {"kind": kind, "sop_class_uid": sop_class_uid, "count": count}
+                for kind, sop_class_uid, count in session.execute(
+                    select(Instance.kind, Instance.sop_class_uid, func.count())
+                    .where(Instance.study_uid == study_uid)
+                    .group_by(Instance.kind, Instance.sop_class_uid)
+                    .order_by(Instance.kind, Instance.sop_class_uid)
+                )
+            ]
+            return {
+                "study": study,
+                "series": [_series_record(s) for s in series],
+                "jobs": jobs,
+                "outputs": outputs,
+                "deliveries": deliveries,
+                # Received objects per kind (input, non-input, own-result, sijnode-result) and SOP class.
+                "objects": objects,
+            }
 
     def series(self, series_uid: str) -> SeriesRecord | None:
         with self.session() as session:

@@ -51,3 +51,37 @@ class EchoChain:
         )
         image.SeriesDescription = f"{self.name} test output"
         return [image]
+
+
+class ReportingChain:
+    """Reports through the node's real encoders (TID 1500 SR + heatmap SC) without a model, so
+    that result versions, series numbers and predecessor references are tested as PACS sees them.
+
+    The "probability" is the middle slice's mean intensity scaled to [0, 1]; the map is that
+    slice's intensities. Neither means anything clinically; the provenance says so (demonstration).
+    """
+
+    def __init__(self, spec: ChainSpec, runtime: RuntimeSettings) -> None:
+        self.name = spec.name
+
+    def produce(self, inputs: StudyInputs) -> list[Dataset]:
+        from pipeline.encode import encode_result
+        from pipeline.encode.codes import concept
+        from pipeline.results import ChainResult, Finding, ImageRef, Map, MapMeaning, Provenance, Site
+
+        datasets = next(iter(inputs.series.values())).datasets()
+        source = datasets[len(datasets) // 2]
+        pixels = source.pixel_array.astype(np.float32)
+        values = (pixels - pixels.min()) / max(float(np.ptp(pixels)), 1.0)
+        finding = Finding(
+            concept("active sacroiliitis"), Site.SACROILIAC_JOINT, float(values.mean()), 0.5, evidence=(ImageRef.of(source),)
+        )
+        provenance = Provenance(
+            chain=self.name, pack_name=f"{self.name}-test", pack_version="1.0", weights_sha256="0" * 64,
+            demonstration=True, device="cpu",
+        )
+        result = ChainResult(
+            findings=[finding], provenance=provenance, sources=datasets,
+            maps=[Map(ImageRef.of(source), values, MapMeaning.GRAD_CAM)],
+        )
+        return encode_result(result, plan=inputs.output)

@@ -12,12 +12,14 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pydicom
 import pytest
 import yaml
 from pydantic import ValidationError
+from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -28,6 +30,7 @@ from pipeline.classify import (
     UNCLASSIFIED_RULE,
     Classification,
     ClassificationRule,
+    INPUT_SOP_CLASSES,
     Plane,
     Role,
     check_rule_names,
@@ -459,7 +462,7 @@ CASES: list[Case] = [
         ImageOrientationPatient=CORONAL,
     ),
     case(
-        "ct-axial-gantry-tilt", SIEMENS_CT, Role.CT, Plane.AXIAL, "ct-modality", tilt=7.0,
+        "ct-axial-gantry-tilt", SIEMENS_CT, Role.CT, Plane.AXIAL, "ct-pelvis", tilt=7.0,
         SeriesDescription="SIG Becken 1.0 Br64", ImageType=["ORIGINAL", "PRIMARY", "AXIAL"],
         ImageOrientationPatient=AXIAL_GANTRY_TILT_7,
     ),
@@ -476,36 +479,40 @@ CASES: list[Case] = [
         ImageType=["DERIVED", "SECONDARY", "OTHER"],
     ),
     case(
-        "ct-enhanced-sop-without-modality", {}, Role.CT, Plane.AXIAL, "ct-sop-class",
-        SOPClassUID=ENHANCED_CT_IMAGE, ImageType=["ORIGINAL", "PRIMARY", "AXIAL"],
+        "ct-enhanced-sop-without-modality", {}, Role.CT, Plane.AXIAL, "ct-pelvis",
+        SOPClassUID=ENHANCED_CT_IMAGE, ImageType=["ORIGINAL", "PRIMARY", "AXIAL"], SeriesDescription="Becken 1.0",
         ImageOrientationPatient=AXIAL,
     ),
     # ---------------- Radiography ----------------
     # For-presentation CR is DERIVED\PRIMARY and still an input.
     case(
-        "cr-pelvis-ap", {}, Role.XR, Plane.CORONAL, "xr-modality",
+        "cr-pelvis-ap", {}, Role.XR, Plane.CORONAL, "xr-pelvis-frontal",
         evidence=("plane coronal from ViewPosition 'AP'",),
         Modality="CR", SOPClassUID=CR_IMAGE, Manufacturer="FUJIFILM Corporation", ViewPosition="AP",
         ImageType=["DERIVED", "PRIMARY"], BodyPartExamined="PELVIS", SeriesDescription="Becken a.p.",
     ),
     case(
-        "dx-pelvis-pa", {}, Role.XR, Plane.CORONAL, "xr-modality",
+        "dx-pelvis-pa", {}, Role.XR, Plane.CORONAL, "xr-pelvis-frontal",
         Modality="DX", SOPClassUID=DX_PRESENTATION, PresentationIntentType="FOR PRESENTATION",
         ViewPosition="PA", ImageType=["ORIGINAL", "PRIMARY"], BodyPartExamined="PELVIS",
     ),
     case(
-        "dx-sacrum-lateral", {}, Role.XR, Plane.SAGITTAL, "xr-modality",
+        "dx-sacrum-lateral", {}, Role.OTHER, Plane.SAGITTAL, "xr-not-frontal", counts_as_input=False,
         Modality="DX", SOPClassUID=DX_PRESENTATION, PresentationIntentType="FOR PRESENTATION",
         ViewPosition="LL", ImageType=["ORIGINAL", "PRIMARY"], BodyPartExamined="SSPINE",
     ),
     case(
-        "dx-sij-oblique", {}, Role.XR, Plane.NONE, "xr-modality",
+        "dx-sij-oblique", {}, Role.OTHER, Plane.NONE, "xr-not-frontal", counts_as_input=False,
         Modality="DX", SOPClassUID=DX_PRESENTATION, PresentationIntentType="FOR PRESENTATION",
         ViewPosition="LLO", ImageType=["ORIGINAL", "PRIMARY"], BodyPartExamined="PELVIS",
     ),
     case(
-        "dx-without-view-position", {}, Role.XR, Plane.NONE, "xr-sop-class",
-        SOPClassUID=DX_PRESENTATION, ImageType=["ORIGINAL", "PRIMARY"],
+        "dx-without-view-position", {}, Role.XR, Plane.NONE, "xr-pelvis-frontal",
+        SOPClassUID=DX_PRESENTATION, ImageType=["ORIGINAL", "PRIMARY"], StudyDescription="ISG a.p.",
+    ),
+    case(
+        "dx-without-any-evidence", {}, Role.OTHER, Plane.NONE, "xr-without-frontal-pelvis-evidence",
+        counts_as_input=False, SOPClassUID=DX_PRESENTATION, ImageType=["ORIGINAL", "PRIMARY"],
     ),
     case(
         "dx-for-processing", {}, Role.OTHER, Plane.CORONAL, "exclude-for-processing", counts_as_input=False,
@@ -566,6 +573,8 @@ def test_every_builtin_rule_and_role_and_plane_is_exercised() -> None:
         classify_series(header_summary(enhanced_mr(iop=CORONAL, **kwargs))).rule
         for kwargs, _, _ in ENHANCED_CASES
     }
+    fired |= {classify_series(header_summary(dataset(**attributes))).rule for _, attributes, *_ in REGION_CASES}
+    fired.add(classify_series(header_summary(dataset(SOPClassUID="1.2.840.10008.5.1.4.1.1.30"))).rule)
     assert {rule.name for rule in BUILTIN_RULES} - fired == set()
     assert UNCLASSIFIED_RULE in fired
     assert {c.role for c in CASES} == set(Role)
@@ -573,9 +582,13 @@ def test_every_builtin_rule_and_role_and_plane_is_exercised() -> None:
 
 
 def test_exclusions_come_first_and_never_count() -> None:
-    exclusions = [rule for rule in BUILTIN_RULES if not rule.counts_as_input]
-    assert BUILTIN_RULES[: len(exclusions)] == exclusions
-    assert all(rule.role is Role.OTHER for rule in exclusions)
+    not_counting = [rule for rule in BUILTIN_RULES if not rule.counts_as_input]
+    assert all(rule.role is Role.OTHER for rule in not_counting)
+    # The exclusions lead; later non-counting rules are the anatomy checks of radiographs and CT.
+    first_role_rule = next(i for i, rule in enumerate(BUILTIN_RULES) if rule.counts_as_input)
+    assert BUILTIN_RULES[first_role_rule].name == "ct-pelvis"
+    later = {rule.name for rule in not_counting[first_role_rule:]}
+    assert later == {"ct-not-pelvis", "ct-without-pelvis-evidence", "xr-not-pelvis", "xr-not-frontal", "xr-without-frontal-pelvis-evidence"}
 
 
 def test_tilt_tolerance_is_configurable() -> None:
@@ -1021,3 +1034,84 @@ def test_study_end_to_end_routes_only_the_right_series() -> None:
         RoutedJob("sij-mri-coronal", {"t1": "siemens-t1-tse-semicoronal", "stir": "siemens-tirm-semicoronal"}),
         RoutedJob("sij-mri-axial", {"t2fs": "siemens-t2-tse-fs-axial"}),
     ]
+
+
+# ---------------- Only pelvic radiographs and pelvis CTs are inputs ----------------
+# What a forward-everything PACS rule sends besides the sacroiliac studies: each header set is
+# what the modality writes; only the pelvic ones may feed a chain, the others say why not.
+RADIOGRAPH = {"SOPClassUID": DX_PRESENTATION, "Modality": "DX", "PresentationIntentType": "FOR PRESENTATION",
+              "ImageType": ["ORIGINAL", "PRIMARY"]}
+REGION_CASES = [
+    ("chest-pa", {**RADIOGRAPH, "BodyPartExamined": "CHEST", "ViewPosition": "PA", "SeriesDescription": "Thorax p.a."},
+     Role.OTHER, "xr-not-pelvis", "body part examined is another region"),
+    ("chest-ap-in-pelvis-study", {**RADIOGRAPH, "BodyPartExamined": "CHEST", "ViewPosition": "AP",
+                                  "StudyDescription": "Becken + Thorax"}, Role.OTHER, "xr-not-pelvis", "CHEST"),
+    ("lateral-lumbar-spine", {**RADIOGRAPH, "BodyPartExamined": "LSPINE", "ViewPosition": "LL",
+                              "SeriesDescription": "LWS seitlich"}, Role.OTHER, "xr-not-pelvis", "LSPINE"),
+    ("lateral-pelvis", {**RADIOGRAPH, "BodyPartExamined": "PELVIS", "ViewPosition": "LL"},
+     Role.OTHER, "xr-not-frontal", "ViewPosition 'LL'"),
+    ("hand-pa", {**RADIOGRAPH, "Modality": "CR", "SOPClassUID": CR_IMAGE, "BodyPartExamined": "HAND", "ViewPosition": "PA"},
+     Role.OTHER, "xr-not-pelvis", "HAND"),
+    ("radiograph-without-evidence", {**RADIOGRAPH, "ViewPosition": "AP"},
+     Role.OTHER, "xr-without-frontal-pelvis-evidence", "needs the pelvis or sacroiliac joints"),
+    ("pelvis-ap", {**RADIOGRAPH, "BodyPartExamined": "PELVIS", "ViewPosition": "AP"}, Role.XR, "xr-pelvis-frontal", "PELVIS"),
+    ("sij-ap-by-description", {**RADIOGRAPH, "SeriesDescription": "ISG a.p."}, Role.XR, "xr-pelvis-frontal", "ISG"),
+    ("sij-body-part-term", {**RADIOGRAPH, "BodyPartExamined": "SIJOINT", "ViewPosition": "PA"}, Role.XR, "xr-pelvis-frontal", "SIJOINT"),
+    ("head-ct", {**SIEMENS_CT, "BodyPartExamined": "HEAD", "SeriesDescription": "Schaedel 5.0 H31s",
+                 "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"], "ImageOrientationPatient": AXIAL},
+     Role.OTHER, "ct-not-pelvis", "HEAD"),
+    ("chest-ct", {**SIEMENS_CT, "BodyPartExamined": "CHEST", "SeriesDescription": "Thorax 1.0 Br40",
+                  "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"], "ImageOrientationPatient": AXIAL},
+     Role.OTHER, "ct-not-pelvis", "CHEST"),
+    ("ct-without-region", {"Modality": "CT", "SOPClassUID": CT_IMAGE, "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"],
+                           "ImageOrientationPatient": AXIAL}, Role.OTHER, "ct-without-pelvis-evidence", "names the pelvis"),
+    ("pelvis-ct", {**SIEMENS_CT, "SeriesDescription": "SIG Becken 1.0 Br64", "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"],
+                   "ImageOrientationPatient": AXIAL}, Role.CT, "ct-pelvis", "PELVIS"),
+    ("abdomen-pelvis-ct", {**SIEMENS_CT, "BodyPartExamined": "ABDOMENPELVIS", "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"],
+                           "ImageOrientationPatient": AXIAL}, Role.CT, "ct-pelvis", "ABDOMENPELVIS"),
+]
+
+
+@pytest.mark.parametrize("name, attributes, role, rule, phrase", REGION_CASES, ids=[c[0] for c in REGION_CASES])
+def test_only_pelvic_radiographs_and_ct_count_as_input(name: str, attributes: dict, role: Role, rule: str, phrase: str) -> None:
+    result = classify_series(header_summary(dataset(**attributes)))
+    assert (result.role, result.rule, result.counts_as_input) == (role, rule, role is not Role.OTHER), result.reason
+    assert phrase in result.reason
+
+
+def test_a_site_rule_still_makes_a_non_pelvic_radiograph_an_input() -> None:
+    """A site that trusts its own naming overrides the anatomy check (e.g. a Ferguson SIJ view)."""
+    rule = ClassificationRule(
+        name="site-sij-ferguson", match={"SeriesDescription": "(?i)ferguson"}, role=Role.XR
+    )
+    oblique = header_summary(dataset(**RADIOGRAPH, ViewPosition="LLO", SeriesDescription="SIJ Ferguson"))
+    assert classify_series(oblique).role is Role.OTHER
+    result = classify_series(oblique, [rule])
+    assert (result.role, result.rule, result.counts_as_input) == (Role.XR, "site-sij-ferguson", True)
+
+
+@pytest.mark.parametrize("sop_class", [COMPREHENSIVE_SR, KEY_OBJECT_SELECTION, GRAYSCALE_PR,
+                                       "1.2.840.10008.5.1.4.1.1.104.1",  # Encapsulated PDF
+                                       "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation
+                                       "1.2.840.10008.5.1.4.1.1.30",  # Parametric Map
+                                       "1.2.840.10008.5.1.4.1.1.481.3"])  # RT Structure Set
+def test_non_input_sop_classes_never_count_even_by_a_site_rule(sop_class: str) -> None:
+    summary = header_summary(dataset(SOPClassUID=sop_class, SeriesDescription="t1_tse_cor"))
+    assert sop_class not in INPUT_SOP_CLASSES
+    assert not classify_series(summary).counts_as_input
+    anything_is_t1 = ClassificationRule(name="site-all-t1", match={"SeriesDescription": "t1"}, role=Role.T1)
+    assert not classify_series(summary, [anything_is_t1]).counts_as_input
+
+
+def test_phantom_radiograph_and_ct_headers_count_as_input(tmp_path: Path) -> None:
+    """The phantoms' own CT and radiograph series (what the demo chains are trained on) stay inputs."""
+    from pipeline.phantom import write_studies
+
+    (study,) = write_studies(tmp_path, seed=4, kinds=("ct", "xr"))
+    roles = set()
+    for series in sorted(folder for folder in study.iterdir() if folder.is_dir()):
+        path = sorted(series.glob("*.dcm"))[0]
+        result = classify_series(header_summary(dcmread(path, stop_before_pixels=True)))
+        assert result.counts_as_input, result.reason
+        roles.add(result.role)
+    assert roles == {Role.CT, Role.XR}

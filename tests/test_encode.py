@@ -481,6 +481,7 @@ def test_findings_come_back_with_site_laterality_region_probability_and_presence
         assert evaluation.name.value == finding.concept.value
         expected = ("52101004", "Present") if finding.present else ("272519000", "Absent")
         assert (evaluation.value.value, evaluation.value.meaning) == expected
+    assert len({g.tracking_uid for g in groups.values()}) == len(groups)
 
 
 def decisions(probability: hd.sr.Measurement) -> list[hd.sr.CodeContentItem]:
@@ -490,7 +491,6 @@ def decisions(probability: hd.sr.Measurement) -> list[hd.sr.CodeContentItem]:
         for item in probability[0].ContentSequence
         if item.ValueType == "CODE" and item.ConceptNameCodeSequence[0].CodeValue not in ("121401", "370129005")
     ]
-    assert len({g.tracking_uid for g in groups.values()}) == len(groups)
 
 
 def test_patient_level_radiograph_finding_has_no_side_and_no_modifier(
@@ -752,3 +752,32 @@ def test_parametric_maps_on_request_only(demo_result: ChainResult) -> None:
     assert encode_parametric_maps(demo_result, generate_uid(), 9002)
     kinds = [ds.SOPClassUID.name for ds in encode_result(demo_result)]
     assert kinds == ["Comprehensive 3D SR Storage", *["Secondary Capture Image Storage"] * 2]
+
+
+def test_output_plan_numbers_names_and_links_each_kind(demo_result: ChainResult) -> None:
+    """Result 2 of a chain with base 9300: each kind in its own series at base + offset + 10,
+    a site's SR description kept behind the demonstration mark, "result 2" on every series,
+    segmentation overlays apart from the heatmaps, and the SR pointing at its predecessor."""
+    from pipeline.results import Category, Map, MapMeaning
+    from pipeline.route import ChainSeries, OutputKind, OutputPlan
+
+    source = demo_result.sources[len(demo_result.sources) // 2]
+    overlay = Map(
+        ImageRef.of(source),
+        np.zeros((int(source.Rows), int(source.Columns))),
+        MapMeaning.SEGMENTATION,
+        categories=(Category(1.0, "sacrum"),),
+    )
+    result = replace(demo_result, maps=[*demo_result.maps, overlay])
+    (first, *_) = encode_result(result)
+    series = ChainSeries(base=9300, descriptions={OutputKind.SR: "SIJ MRI AI"})
+    datasets = encode_result(result, parametric_maps=True, plan=OutputPlan.for_chain(series, 2, [first]))
+    numbers = {int(ds.SeriesNumber): str(ds.SeriesDescription) for ds in datasets}
+    assert sorted(numbers) == [9310, 9311, 9312, 9313]
+    assert numbers[9310] == f"{DEMONSTRATION} SIJ MRI AI result 2"
+    assert all(text.endswith(" result 2") and len(text) <= 64 for text in numbers.values())
+    assert "overlays" in numbers[9313] and [ds.SeriesNumber for ds in datasets].count(9313) == 1
+    reference = datasets[0].PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
+    assert reference.SeriesInstanceUID == first.SeriesInstanceUID
+    assert reference.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == first.SOPInstanceUID
+    assert first.SeriesNumber == 9000 and str(first.SeriesDescription).endswith(" result 1")

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from pydicom import Dataset, dcmread
 
-from pipeline.route import ChainSpec
+from pipeline.route import ChainSpec, OutputPlan
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,8 @@ class StudyInputs:
     study_uid: str
     series: Mapping[str, SeriesInput]
     options: Mapping[str, Any] = field(default_factory=dict)
+    # result version, series numbers and descriptions, previous version's SR (set by the worker)
+    output: OutputPlan = field(default_factory=OutputPlan)
 
 
 @dataclass(frozen=True)

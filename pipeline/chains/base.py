@@ -93,7 +93,7 @@ class ModelChain(ABC):
         self.timings = {}
         result = self.run(inputs)
         with self.timed("encode"):
-            return encode_result(result, parametric_maps=self.settings["parametric_maps"])
+            return encode_result(result, parametric_maps=self.settings["parametric_maps"], plan=inputs.output)
 
     def provenance(self, **parameters: object) -> Provenance:
         manifest = self.pack.manifest

@@ -7,10 +7,12 @@ from collections.abc import Iterator, Sequence
 from pydicom import Dataset
 from pydicom.uid import generate_uid
 
+from pipeline.classify import SIJNODE_MANUFACTURER
 from pipeline.encode.codes import coded, coding_scheme_identification, concept
 from pipeline.results import ChainResult, ImageRef, Provenance
 
-MANUFACTURER = "sijnode"
+# The receiver recognizes results coming back by it (pipeline.classify.sijnode_result_evidence).
+MANUFACTURER = SIJNODE_MANUFACTURER
 # ASCII hyphen: Pillow's built-in font has no en dash, and ISO_IR 100 text has none either.
 NOT_FOR_DIAGNOSIS = "AI - not for diagnosis"
 DEMONSTRATION = "DEMONSTRATION"
@@ -36,14 +38,17 @@ def algorithm_label(provenance: Provenance) -> str:
     return f"{provenance.pack_name} {provenance.pack_version}"
 
 
-def series_description(provenance: Provenance, kind: str) -> str:
-    """A SeriesDescription naming the algorithm and version, led by the demo mark if any.
+def series_description(provenance: Provenance, kind: str, version: int = 1, custom: str | None = None) -> str:
+    """A SeriesDescription naming the algorithm (or the site's ``custom`` name) and the result
+    version ("result 2"), led by the demo mark if any.
 
-    The demo mark goes first so that truncation to the 64 characters of LO never drops it.
+    The demo mark goes first and the result version last, so that truncation to the 64
+    characters of LO drops neither: PACS users tell the current result by that number.
     """
     mark = f"{DEMONSTRATION} " if provenance.demonstration else ""
-    text = f"{mark}AI {kind} {algorithm_label(provenance)}"
-    return text[:LONG_STRING_MAX]
+    suffix = f" result {version}"
+    text = f"{mark}{custom or f'AI {kind} {algorithm_label(provenance)}'}"
+    return text[: LONG_STRING_MAX - len(suffix)] + suffix
 
 
 def demonstration_notice(provenance: Provenance) -> str:

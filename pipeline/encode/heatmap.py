@@ -108,6 +108,7 @@ def heatmap_image(
     series_number: int,
     sop_instance_uid: str,
     instance_number: int,
+    description: str | None = None,
 ) -> hd.sc.SCImage:
     """One heatmap SC: ``heat`` over its source, with colour bar and burned-in text."""
     provenance = result.provenance
@@ -135,7 +136,7 @@ def heatmap_image(
         instance_number=instance_number,
         manufacturer=MANUFACTURER,
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        series_description=series_description(provenance, "heatmaps"),
+        series_description=description or series_description(provenance, "heatmaps"),
     )
     # from_ref_dataset copies only the basic patient and study attributes; this copies the modules.
     image.copy_patient_and_study_information(source)
@@ -153,12 +154,12 @@ def heatmap_image(
 
 
 def encode_heatmaps(
-    result: ChainResult, series_instance_uid: str, series_number: int
+    result: ChainResult, series_instance_uid: str, series_number: int, description: str | None = None
 ) -> list[hd.sc.SCImage]:
     """An RGB Secondary Capture for each key map, all in one new series."""
     key_maps = [heat for heat in result.maps if heat.key]
     uids = instance_uids(series_instance_uid, len(key_maps))
     return [
-        heatmap_image(result, heat, series_instance_uid, series_number, uid, number)
+        heatmap_image(result, heat, series_instance_uid, series_number, uid, number, description)
         for number, (heat, uid) in enumerate(zip(key_maps, uids), start=1)
     ]

@@ -49,6 +49,7 @@ def parametric_map(
     series_number: int,
     sop_instance_uid: str,
     instance_number: int,
+    description: str | None = None,
 ) -> hd.pm.ParametricMap:
     provenance = result.provenance
     source = find_source(result, heat.source)
@@ -69,7 +70,7 @@ def parametric_map(
         voi_lut_transformations=[hd.VOILUTTransformation(window_center=0.5, window_width=1.0)],
         content_label="AIMAP",
         content_description=f"{heat.meaning.value} map, {algorithm_label(provenance)}"[:LONG_STRING_MAX],
-        series_description=series_description(provenance, "maps"),
+        series_description=description or series_description(provenance, "maps"),
     )
     pm.SharedFunctionalGroupsSequence[0].FrameAnatomySequence = [_frame_anatomy(source)]
     add_algorithm_equipment(pm, provenance)
@@ -98,7 +99,7 @@ def has_patient_frame(result: ChainResult, heat: Map) -> bool:
 
 
 def encode_parametric_maps(
-    result: ChainResult, series_instance_uid: str, series_number: int
+    result: ChainResult, series_instance_uid: str, series_number: int, description: str | None = None
 ) -> list[hd.pm.ParametricMap]:
     """A float Parametric Map for each key map, all in one new series.
 
@@ -117,6 +118,6 @@ def encode_parametric_maps(
             )
     uids = instance_uids(series_instance_uid, len(key_maps))
     return [
-        parametric_map(result, heat, series_instance_uid, series_number, uid, number)
+        parametric_map(result, heat, series_instance_uid, series_number, uid, number, description)
         for number, (heat, uid) in enumerate(zip(key_maps, uids), start=1)
     ]

@@ -76,9 +76,16 @@ TOP_SCORES = 5
 
 
 def encode_sr(
-    result: ChainResult, series_instance_uid: str, series_number: int
+    result: ChainResult,
+    series_instance_uid: str,
+    series_number: int,
+    description: str | None = None,
+    previous_versions: Sequence[Dataset] = (),
 ) -> hd.sr.Comprehensive3DSR:
-    """The chain's findings, top per-image scores and explanations as a TID 1500 Comprehensive 3D SR."""
+    """The chain's findings, top per-image scores and explanations as a TID 1500 Comprehensive 3D SR.
+
+    ``previous_versions``: the SR(s) this one supersedes, listed in its Predecessor Documents
+    Sequence (highdicom's ``previous_versions``)."""
     if not result.sources:
         raise ValueError("a result without source images cannot be reported")
     provenance = result.provenance
@@ -103,8 +110,9 @@ def encode_sr(
         manufacturer=MANUFACTURER,
         is_complete=True,
         is_verified=False,
-        series_description=series_description(provenance, "findings"),
+        series_description=description or series_description(provenance, "findings"),
         performed_procedure_codes=_source_procedure_codes(result.sources) or None,
+        previous_versions=list(previous_versions) or None,
     )
     add_algorithm_equipment(sr, provenance)
     declare_private_schemes(sr, result.sources)
