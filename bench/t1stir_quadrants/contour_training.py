@@ -54,8 +54,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     seed_everything(0)
     started = time.time()
-    train = [s for seed in range(1000, 1000 + args.train) for s in study_samples(seed)]
-    test = [s for seed in range(2000, 2000 + args.test) for s in study_samples(seed)]
+    train = [s for seed in range(1000, 1000 + args.train) for s in study_samples(seed, args.size)]
+    test = [s for seed in range(2000, 2000 + args.test) for s in study_samples(seed, args.size)]
     images = np.concatenate([s[0] for s in train])
     targets = np.concatenate([s[1] for s in train])
     generated = time.time() - started
