@@ -522,3 +522,41 @@ def test_contour_loss_weights_heatmap_peaks_and_learns_a_batch():
         loss.backward()
         optimizer.step()
     assert loss.item() < 0.5 * first
+
+
+def test_classifier_learns_a_phantom_joint_through_the_annotator_tree(quadrant_study):
+    from pipeline.chains.t1stir_quadrants.annotators import INFERENCE_NODE, AnnotatorHierarchy
+    from pipeline.chains.t1stir_quadrants.data import (
+        coronal_series,
+        crop_joint,
+        phantom_contours,
+        reader_labels,
+        series_regions,
+    )
+    from pipeline.chains.t1stir_quadrants.model import Hyperparameters, QuadrantLesionClassifier
+    from pipeline.chains.t1stir_quadrants.train import joint_loss, normalise_slices
+
+    crops = {}
+    for role in ("T1", "STIR"):
+        (entry,) = [series for series in quadrant_study.series if series.info.role == role]
+        first = entry.datasets[0]
+        series = coronal_series(role, [d.pixel_array for d in entry.datasets], first.ImageOrientationPatient, first.PixelSpacing)
+        regions = series_regions(phantom_contours(series, quadrant_study.masks[f"{role}_joint_line"]))
+        crops[role] = torch.from_numpy(normalise_slices(crop_joint(series.images, regions, "left", 32)))[:, None]
+    labels = {k: torch.from_numpy(v).long() for k, v in reader_labels(quadrant_study.ground_truth["readers"], "left").items()}
+    torch.manual_seed(0)
+    classifier = QuadrantLesionClassifier(Hyperparameters(widen_factor=0.125, roi_size=32))
+    annotators = AnnotatorHierarchy(len(GRADED_OUTPUTS))
+    optimizer = torch.optim.Adam([*classifier.parameters(), *annotators.parameters()], lr=1e-3)
+    classifier.eval()  # one joint: batch-norm statistics of a single case would be meaningless
+    first = joint_loss(classifier, annotators, crops["T1"], crops["STIR"], labels).item()
+    for _ in range(15):
+        optimizer.zero_grad()
+        loss = joint_loss(classifier, annotators, crops["T1"], crops["STIR"], labels)
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.5 * first
+    with torch.no_grad():
+        consensus = annotators(torch.sigmoid(classifier(crops["T1"], crops["STIR"])))[INFERENCE_NODE][0]
+    edema = GRADED_OUTPUTS.index("edema_upper_ilium")
+    assert consensus[edema] > 0.5 and consensus.argmax() == edema  # the one lesion of this joint

@@ -141,3 +141,22 @@ def contour_errors(
             else:
                 failures[walk.failure] = failures.get(walk.failure, 0) + 1
     return errors, failures
+
+
+def joint_loss(
+    classifier: torch.nn.Module,
+    annotators: torch.nn.Module,
+    t1: torch.Tensor,
+    stir: torch.Tensor,
+    labels: dict[str, torch.Tensor],
+    trace_weight: float = 0.01,
+) -> torch.Tensor:
+    """One joint's multi-reader loss: classifier logits -> probabilities -> annotator tree -> cross-entropy + trace penalty.
+
+    ``t1`` / ``stir``: the joint's crops (slices, 1, R, R); ``labels``: label set -> (14,) with -1 unused.
+    """
+    from .annotators import multi_reader_loss
+
+    probability = torch.sigmoid(classifier(t1, stir))
+    batch_labels = {name: values.reshape(1, -1) for name, values in labels.items()}
+    return multi_reader_loss(annotators(probability), batch_labels, annotators, trace_weight)
