@@ -105,6 +105,7 @@ def pack_problems(config: Config) -> list[str]:
 
 def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     from node.logs import setup_logging
+    from node.receiver import PortInUse
     from node.service import Service
 
     problems = pack_problems(config)
@@ -112,7 +113,11 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
         errors.print("[red]cannot start: model pack problems[/red]\n" + "\n".join(problems), highlight=False)
         return 2
     setup_logging(config.logging.level, config.logging.format, config.logging.file)
-    Service(config, str(Path(args.config).resolve())).run()
+    try:
+        Service(config, str(Path(args.config).resolve())).run()
+    except PortInUse as error:
+        errors.print(f"[red]cannot start: {error}[/red]", highlight=False)
+        return 2
     return 0
 
 

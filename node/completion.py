@@ -56,7 +56,7 @@ def complete_study(store: Store, config: Config, study_uid: str, new_version: bo
                 series_number=record.series_number,
             )
         )
-    chains = [chain for chain in config.chains if chain.enabled]
+    chains = config.enabled_chains
     routing = plan_routing(candidates, chains)
     jobs = [NewJob(job.chain, dict(job.inputs)) for job in routing.jobs]
     note = "; ".join(routing.lines) if chains else "no chain is configured"
@@ -80,10 +80,16 @@ def complete_study(store: Store, config: Config, study_uid: str, new_version: bo
     return CompletionResult(study_uid, version, jobs, note)
 
 
-def complete_due_studies(store: Store, config: Config) -> list[CompletionResult]:
-    """Complete every study that has been quiet for the configured period."""
+def complete_due_studies(store: Store, config: Config, quiet_period_counts: bool = True) -> list[CompletionResult]:
+    """Complete every study whose sender released it a grace period ago, or that has been quiet.
+
+    ``quiet_period_counts`` False (just after a restart) completes only released studies.
+    """
+    due = store.studies_released(config.study.release_grace_seconds)
+    if quiet_period_counts:
+        due += [uid for uid in store.studies_due(config.study.quiet_seconds) if uid not in due]
     results = []
-    for study_uid in store.studies_due(config.study.quiet_seconds):
+    for study_uid in due:
         try:
             results.append(complete_study(store, config, study_uid))
         except Exception:

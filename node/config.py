@@ -8,6 +8,7 @@ config.yaml works from any working directory.
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -72,6 +73,9 @@ class ReceiverConfig(_Strict):
     # that is neither is an error (a typo must not open the node to every address).
     allowed_source_addresses: list[str] = []
     max_pdu_bytes: Annotated[int, Field(ge=0)] = 262144
+    # Receiver processes sharing the port (SO_REUSEPORT), the database and the spool: one Python
+    # process is bound by its GIL. "auto": one per CPU.
+    processes: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     # Established associations at once; reserved_peer_associations of them only for peers.
     max_associations: Annotated[int, Field(ge=1)] = 16
     network_timeout_s: Annotated[float, Field(gt=0)] = 60.0
@@ -142,18 +146,49 @@ class StorageConfig(_Strict):
 
 
 class StudyConfig(_Strict):
+    # A study completes this long after the last association that delivered it was released,
+    # when no other association is delivering it (the sender said it is done)...
+    release_grace_seconds: Annotated[float, Field(ge=0)] = 3.0
+    # ...or, failing that, after this long without new instances (senders that keep
+    # associations open, abort them, or split a study over associations with long pauses).
     quiet_seconds: Annotated[float, Field(ge=0)] = 30.0
     # Instances that arrive after a study completed: re-open it and process a new version,
     # or keep them without processing again.
     late_instances: Literal["reprocess", "ignore"] = "reprocess"
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a container's or systemd's CPU limit)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 class WorkerConfig(_Strict):
-    processes: Annotated[int, Field(ge=0)] = 1
+    # "auto": one worker per enabled chain, at most one per CPU, so the chains of one study run
+    # at the same time; each worker loads every enabled chain at start.
+    processes: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
     max_attempts: Annotated[int, Field(ge=1)] = 3
     lease_seconds: Annotated[float, Field(gt=0)] = 1800.0
     device: Literal["cpu", "cuda", "auto"] = "cpu"
-    torch_threads: Annotated[int, Field(ge=1)] = 2
+    # "auto": the CPUs shared out among the workers (at least 1 each).
+    torch_threads: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    # fp32: the exact published computation. bf16: an optional faster mode on CPUs with AMX or
+    # AVX512-BF16 (and on GPUs); its measured deviation is in bench/README.md.
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+    def worker_count(self, enabled_chains: int) -> int:
+        """How many worker processes the service starts."""
+        if self.processes != "auto":
+            return self.processes
+        return max(1, min(enabled_chains, available_cpus()))
+
+    def threads_per_worker(self, enabled_chains: int) -> int:
+        """torch threads of each worker: the CPUs divided among the workers, unless set."""
+        if self.torch_threads != "auto":
+            return self.torch_threads
+        return max(1, available_cpus() // max(1, self.worker_count(enabled_chains)))
 
 
 class DispatchConfig(_Strict):
@@ -237,6 +272,23 @@ class Config(_Strict):
     @property
     def database_url(self) -> str:
         return self.storage.database_url or f"sqlite:///{self.storage.data_dir / 'sijnode.db'}"
+
+    @property
+    def enabled_chains(self) -> list[ChainSpec]:
+        return [chain for chain in self.chains if chain.enabled]
+
+    @property
+    def receiver_count(self) -> int:
+        processes = self.receiver.processes
+        return available_cpus() if processes == "auto" else processes
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers.worker_count(len(self.enabled_chains))
+
+    @property
+    def torch_threads(self) -> int:
+        return self.workers.threads_per_worker(len(self.enabled_chains))
 
     @property
     def allowed_calling_ae_titles(self) -> list[str]:

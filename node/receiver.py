@@ -8,15 +8,21 @@ C-STORE failure status and the association carries on.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
+import os
+import signal
+import socket
 import ssl
+import tempfile
 import threading
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from pydicom import Dataset
 from pydicom.uid import UID, AllTransferSyntaxes
-from pynetdicom import AE, AllStoragePresentationContexts, build_context, evt
+from pynetdicom import AE, AllStoragePresentationContexts, _config, build_context, evt
 from pynetdicom.sop_class import (
     ComputedRadiographyImageStorage,
     CTImageStorage,
@@ -35,6 +41,7 @@ from pynetdicom.sop_class import (
 from node.admission import AdmissionPolicy, GatedAssociationServer, GuardedACSE, OversizedDataset
 from node.config import Config
 from node.logs import log_event
+from node.reactor import QueueWaitAssociation
 from node.validation import InstanceRejected, Status, check_structure, check_usable, read_instance
 from pipeline.classify import INPUT_SOP_CLASSES, header_summary, sijnode_result_evidence
 from storage.models import InstanceKind
@@ -128,6 +135,49 @@ class StoreRequest:
     # The instance as a DICOM file: preamble, file meta (from the presentation context) and
     # the dataset exactly as received.
     encoded: bytes
+    # The delivering association, when the request came over one (not in direct calls).
+    delivery: "_Delivery | None" = None
+
+
+@dataclass
+class _Delivery:
+    """What one association delivered: its durable key and the studies already recorded for it."""
+
+    key: str
+    studies: set[str] = field(default_factory=set)
+
+
+class _SharedPortServer(GatedAssociationServer):
+    """The gated association server bound with SO_REUSEPORT: several receiver processes listen on
+    the one port and the kernel spreads new connections over them (one Python process is bound by
+    its GIL; bench/README.md). ``claim_port`` keeps a second service off the port. Its associations
+wait on their DIMSE queue instead of pynetdicom's 1 ms reactor sleep (node/reactor.py)."""
+
+    association_class = QueueWaitAssociation
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+class PortInUse(RuntimeError):
+    """Another sijnode service already listens on the receiver's port."""
+
+
+def claim_port(port: int) -> socket.socket:
+    """Hold the receiver's port for this service: a Linux abstract socket named after it.
+
+    SO_REUSEPORT lets every process of the same user bind the port, so a second service would
+    silently share the traffic. Only one process can bind an abstract socket name; the kernel
+    frees it when the process dies, even by kill -9. Keep the returned socket open.
+    """
+    guard = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        guard.bind(f"\0sijnode-receiver-port-{port}")
+    except OSError:
+        guard.close()
+        raise PortInUse(f"another sijnode service listens on port {port}") from None
+    return guard
 
 
 class Receiver:
@@ -142,6 +192,15 @@ class Receiver:
         self._drops_lock = threading.Lock()
         self._drops_stop = threading.Event()
         self.server: GatedAssociationServer | None = None
+        # The process that owns this receiver's associations in the database (AssociationStudy).
+        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        self._serials = itertools.count(1)
+        self._deliveries: dict[int, _Delivery] = {}  # id(Association) -> what it delivered
+        self._deliveries_lock = threading.Lock()
+        if config.logging.level != "DEBUG":
+            # pynetdicom's "standard" handlers format a log text for every PDU and DIMSE message
+            # even when nothing is logged at that level: off the hot path unless debugging.
+            _config.LOG_HANDLER_LEVEL = "none"
 
     # -- pynetdicom event handlers ------------------------------------------------------------
 
@@ -207,8 +266,42 @@ class Receiver:
             affected_sop_instance_uid=str(event.request.AffectedSOPInstanceUID),
             calling_ae_title=event.assoc.requestor.ae_title,
             encoded=event.encoded_dataset(include_meta=True),
+            delivery=self._delivery(event.assoc),
         )
         return self.store_instance(request)
+
+    # -- association ends: completion follows the sender ----------------------------------------
+
+    def _delivery(self, assoc: object) -> _Delivery:
+        with self._deliveries_lock:
+            delivery = self._deliveries.get(id(assoc))
+            if delivery is None:
+                delivery = self._deliveries[id(assoc)] = _Delivery(f"{self.owner}:{next(self._serials)}")
+            return delivery
+
+    def handle_released(self, event: evt.Event) -> None:
+        """EVT_RELEASED: the sender is done with this association; its studies may complete soon."""
+        self._association_ended(event.assoc, released=True)
+
+    def handle_conn_close(self, event: evt.Event) -> None:
+        """EVT_CONN_CLOSE: an association closed without release (abort, lost connection) was cut off.
+
+        The DUL thread may close the connection before the reactor thread fires EVT_RELEASED for
+        the same association: a close in state Sta13 (A-RELEASE-RP sent, awaiting the close; PS3.8
+        9.2) is a release. Sta13 also follows an abort sent by this node (network timeout), after
+        which the sender has been silent longer than the quiet period anyway.
+        """
+        self._association_ended(event.assoc, released=event.assoc.dul.state_machine.current_state == "Sta13")
+
+    def _association_ended(self, assoc: object, released: bool) -> None:
+        with self._deliveries_lock:
+            delivery = self._deliveries.pop(id(assoc), None)
+        if delivery is None or not delivery.studies:
+            return
+        try:
+            self.store.association_ended(delivery.key, released)
+        except Exception as error:  # the row stays open: its studies complete by the quiet period
+            log_event(log, logging.WARNING, "could not record the end of an association", error=type(error).__name__)
 
     # -- the receive stage --------------------------------------------------------------------
 
@@ -223,10 +316,15 @@ class Receiver:
             return self._rejected(request, Status.OUT_OF_RESOURCES, str(error))
         except OSError as error:
             return self._rejected(request, Status.OUT_OF_RESOURCES, f"spool write failed: {error.strerror or error}")
+        delivery = request.delivery
+        if delivery is not None and incoming.study_uid not in delivery.studies:
+            incoming = replace(incoming, association=delivery.key, association_owner=self.owner)
         try:
             outcome = self.store.record_instance(incoming, self.config.storage.duplicates, self.config.study.late_instances)
         except Exception as error:  # the database is down or full: the sender must retry later
             return self._rejected(request, Status.OUT_OF_RESOURCES, f"database write failed: {type(error).__name__}")
+        if delivery is not None:
+            delivery.studies.add(incoming.study_uid)
         log_event(
             log,
             logging.DEBUG,
@@ -346,10 +444,12 @@ class Receiver:
             (evt.EVT_C_ECHO, self.handle_echo),
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_REJECTED, self.handle_rejected),
+            (evt.EVT_RELEASED, self.handle_released),
+            (evt.EVT_CONN_CLOSE, self.handle_conn_close),
         ]
         ae = self.build_ae()
         peer_titles = [peer.ae_title for peer in self.config.peers]
-        server = GatedAssociationServer(
+        server = _SharedPortServer(
             ae,
             (settings.bind, settings.port),
             settings.ae_title,
@@ -364,7 +464,10 @@ class Receiver:
         threading.Thread(target=server.serve_forever, name=f"sijnode-gate-{settings.port}", daemon=True).start()
         threading.Thread(target=self._report_drops, name="sijnode-gate-report", daemon=True).start()
         self.server = server
-        log_event(log, logging.INFO, "receiver listening", ae_title=settings.ae_title, bind=settings.bind, port=settings.port, tls=settings.tls.enabled)
+        log_event(
+            log, logging.INFO, "receiver listening", ae_title=settings.ae_title, bind=settings.bind, port=settings.port,
+            tls=settings.tls.enabled, pid=os.getpid(),
+        )
         return server
 
     def stop(self) -> None:
@@ -387,3 +490,35 @@ def server_ssl_context(config: Config) -> ssl.SSLContext | None:
         context.verify_mode = ssl.CERT_REQUIRED
         context.load_verify_locations(str(tls.client_ca))
     return context
+
+
+def receiver_main(config_path: str, index: int, parent_pid: int | None = None, listening: Any = None) -> None:
+    """Entry point of an extra receiver process (receiver.processes > 1); SIGTERM stops it.
+
+    It shares the port, the database and the spool with the service's own receiver; every
+    guarantee holds per instance, whichever process takes the association.
+    """
+    from node.config import load_config
+    from node.logs import setup_logging
+    from node.worker import die_with_parent
+
+    if parent_pid is not None:
+        die_with_parent(parent_pid)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent decides
+    config = load_config(config_path)
+    setup_logging(config.logging.level, config.logging.format, config.logging.file)
+    store = Store(config.database_url)
+    spool = Spool(config.storage.data_dir, config.storage.free_space_reserve_mb)
+    tempfile.tempdir = str(spool.tmp_dir)
+    receiver = Receiver(config, store, spool)
+    receiver.start()
+    if listening is not None:  # the service waits for this before it listens itself
+        listening.send(True)
+        listening.close()
+    while not stop.wait(1.0):
+        if parent_pid is not None and os.getppid() != parent_pid:
+            break  # the service is gone
+    receiver.stop()
+    store.dispose()

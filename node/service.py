@@ -14,12 +14,14 @@ import signal
 import socket
 import tempfile
 import threading
+import time
 from datetime import datetime
+from multiprocessing.connection import Connection
 
 from node.completion import complete_due_studies
 from node.config import Config
 from node.logs import log_event
-from node.receiver import Receiver
+from node.receiver import Receiver, claim_port, receiver_main
 from node.sender import Sender
 from node.worker import worker_main
 from storage.models import utcnow
@@ -30,6 +32,12 @@ log = logging.getLogger("sijnode.service")
 
 HEARTBEAT_NAME = "service"
 HEARTBEAT_SECONDS = 5.0
+# How often due studies are looked for: small against the release grace period.
+COMPLETION_POLL_SECONDS = 0.5
+# How often idle workers and the sender look for new work: it adds to every study's turnaround.
+HANDOVER_POLL_SECONDS = 0.25
+# Association rows matter only until their study completes; older ones are deleted.
+ASSOCIATION_ROWS_KEPT_SECONDS = 86400.0
 
 
 class Service:
@@ -43,22 +51,61 @@ class Service:
         # pynetdicom and pydicom temporary files land on the spool's filesystem.
         tempfile.tempdir = str(self.spool.tmp_dir)
         self.receiver = Receiver(config, self.store, self.spool)
-        self.sender = Sender(config, self.store, self.spool)
+        self.sender = Sender(config, self.store, self.spool, poll_seconds=HANDOVER_POLL_SECONDS)
         self._mp = multiprocessing.get_context("spawn")
         self._workers: dict[int, multiprocessing.process.BaseProcess] = {}
+        # Receiver processes besides the service's own receiver (index 0), on the same port.
+        self._receivers: dict[int, multiprocessing.process.BaseProcess] = {}
 
     def _start_worker(self, index: int) -> None:
         process = self._mp.Process(
-            target=worker_main, args=(self.config_path, index, os.getpid()), name=f"sijnode-worker-{index}", daemon=True
+            target=worker_main,
+            args=(self.config_path, index, os.getpid(), HANDOVER_POLL_SECONDS),
+            name=f"sijnode-worker-{index}",
+            daemon=True,
         )
         process.start()
         self._workers[index] = process
+
+    def _start_receiver(self, index: int) -> Connection:
+        """Start an extra receiver process; it says on the returned connection once it listens."""
+        listening, tell_listening = self._mp.Pipe(duplex=False)
+        process = self._mp.Process(
+            target=receiver_main,
+            args=(self.config_path, index, os.getpid(), tell_listening),
+            name=f"sijnode-receiver-{index}",
+            daemon=True,
+        )
+        process.start()
+        tell_listening.close()
+        self._receivers[index] = process
+        return listening
+
+    def _await_listening(self, connections: list[Connection], timeout: float = 120.0) -> None:
+        """Wait until the extra receiver processes listen (or fail: the others serve without them)."""
+        deadline = time.monotonic() + timeout
+        for index, connection in enumerate(connections, start=1):
+            try:
+                if connection.poll(max(0.0, deadline - time.monotonic())):
+                    connection.recv()
+                    continue
+            except EOFError:
+                pass  # it died before listening; supervision restarts it
+            finally:
+                connection.close()
+            log_event(log, logging.ERROR, "receiver process did not start listening", receiver=index)
 
     def _supervise_workers(self) -> None:
         for index, process in list(self._workers.items()):
             if not process.is_alive():
                 log_event(log, logging.ERROR, "worker exited; restarting", worker=index, exitcode=process.exitcode)
                 self._start_worker(index)
+        for index, process in list(self._receivers.items()):
+            if not process.is_alive():
+                # Its associations were cut off: their studies wait for the quiet period.
+                self.store.abort_open_associations(owner=f"{socket.gethostname()}:{process.pid}")
+                log_event(log, logging.ERROR, "receiver process exited; restarting", receiver=index, exitcode=process.exitcode)
+                self._start_receiver(index)
 
     def _beat(self) -> None:
         detail = {
@@ -89,31 +136,44 @@ class Service:
         removed = self.spool.clear_tmp()
         if removed:
             log_event(log, logging.INFO, "removed temporary spool files left by the previous run", files=removed)
+        # Associations open when the predecessor died were cut off, not released.
+        cut_off = self.store.abort_open_associations()
+        if cut_off:
+            log_event(log, logging.INFO, "associations cut off by the previous run's end; their studies wait for the quiet period", associations=cut_off)
 
     def run(self) -> None:
         """Run until SIGTERM/SIGINT."""
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: self.stop_event.set())
-        # Listening first: a second service on the same port fails here, before touching claims.
-        self.receiver.start()
+        # The port first: a second service on the same port fails here, before touching claims.
+        self._port_guard = claim_port(self.config.receiver.port)
         self._take_back_claims()
-        for index in range(self.config.workers.processes):
+        self._await_listening([self._start_receiver(index) for index in range(1, self.config.receiver_count)])
+        # The service's own receiver listens last: once it answers, every receiver process does.
+        self.receiver.start()
+        self.started_at = utcnow()  # the quiet period counts from here
+        for index in range(self.config.worker_count):
             self._start_worker(index)
         self.sender.start()
-        log_event(log, logging.INFO, "service started", pid=os.getpid(), workers=self.config.workers.processes)
+        log_event(
+            log, logging.INFO, "service started", pid=os.getpid(), receivers=self.config.receiver_count,
+            workers=self.config.worker_count, torch_threads=self.config.torch_threads,
+        )
         last_beat = 0.0
         try:
             while not self.stop_event.is_set():
                 now = utcnow().timestamp()
                 if now - last_beat >= HEARTBEAT_SECONDS:
                     self._beat()
+                    self.store.forget_ended_associations(ASSOCIATION_ROWS_KEPT_SECONDS)
                     last_beat = now
                 # A quiet period counts only while the node listens: after a restart, senders
                 # interrupted by the outage get a full period to resume before studies complete.
-                if now - self.started_at.timestamp() >= self.config.study.quiet_seconds:
-                    complete_due_studies(self.store, self.config)
+                # A released study is due anyway: its sender said it was done.
+                quiet_counts = now - self.started_at.timestamp() >= self.config.study.quiet_seconds
+                complete_due_studies(self.store, self.config, quiet_period_counts=quiet_counts)
                 self._supervise_workers()
-                self.stop_event.wait(1.0)
+                self.stop_event.wait(COMPLETION_POLL_SECONDS)
         finally:
             self.shutdown()
 
@@ -121,9 +181,11 @@ class Service:
         log_event(log, logging.INFO, "service stopping")
         self.receiver.stop()
         self.sender.stop()
-        for process in self._workers.values():
+        for process in [*self._receivers.values(), *self._workers.values()]:
             if process.is_alive():
-                process.terminate()  # SIGTERM: the worker finishes its current job, then exits
+                process.terminate()  # SIGTERM: a worker finishes its current job, then exits
+        for process in self._receivers.values():
+            process.join(timeout=30)
         for process in self._workers.values():
             process.join(timeout=60)
             if process.is_alive():

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 import socket
 import threading
+import time
 import traceback
 from pathlib import Path
 
@@ -38,7 +40,9 @@ class Worker:
         self.spool = spool
         self.name = name
         self._chains: dict[str, Chain] = {}
-        self.runtime = RuntimeSettings(device=config.workers.device, torch_threads=config.workers.torch_threads)
+        self.runtime = RuntimeSettings(
+            device=config.workers.device, torch_threads=config.torch_threads, precision=config.workers.precision
+        )
 
     def spec(self, name: str) -> ChainSpec:
         for spec in self.config.chains:
@@ -50,6 +54,28 @@ class Worker:
         if name not in self._chains:
             self._chains[name] = load_chain(self.spec(name), self.runtime)
         return self._chains[name]
+
+    def load_chains(self) -> None:
+        """Load every enabled chain now, so the first job is as fast as the next ones.
+
+        A chain that fails to load is logged and left out; its jobs fail with the same error
+        when they try to load it (and can be retried once the pack is fixed).
+        """
+        for spec in self.config.enabled_chains:
+            start = time.perf_counter()
+            try:
+                self.chain(spec.name)
+            except Exception as error:
+                log_event(log, logging.ERROR, "chain failed to load", chain=spec.name, error=f"{type(error).__name__}: {error}")
+                continue
+            log_event(
+                log,
+                logging.INFO,
+                "chain loaded",
+                chain=spec.name,
+                seconds=round(time.perf_counter() - start, 2),
+                peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            )
 
     def run_one(self) -> bool:
         """Claim and run one job; False when none was runnable."""
@@ -160,6 +186,7 @@ def worker_main(config_path: str, index: int, parent_pid: int | None = None, pol
     spool = Spool(config.storage.data_dir, config.storage.free_space_reserve_mb)
     worker = Worker(config, store, spool, f"{socket.gethostname()}:{os.getpid()}:w{index}")
     log_event(log, logging.INFO, "worker started", worker=worker.name)
+    worker.load_chains()
     while not stop.is_set():
         try:
             busy = worker.run_one()

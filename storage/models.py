@@ -128,6 +128,29 @@ class Instance(Base):
     digest: Mapped[str | None] = mapped_column(String(64))
 
 
+class AssociationState:
+    OPEN = "open"  # the association may still deliver instances
+    RELEASED = "released"  # the sender released it: it says it is done
+    ABORTED = "aborted"  # aborted, connection lost, or its receiver process died: it may come back
+
+
+class AssociationStudy(Base):
+    """One association that delivered instances of one study: what completion follows.
+
+    Kept in the database, not in the receiver's memory, so that completion is right after a
+    restart and with several receiver processes (node.completion, Store.studies_released).
+    """
+
+    __tablename__ = "association_studies"
+
+    association: Mapped[str] = mapped_column(String(128), primary_key=True)  # host:pid:serial
+    study_uid: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+    owner: Mapped[str] = mapped_column(String(128), index=True)  # host:pid of the receiving process
+    state: Mapped[str] = mapped_column(String(16), default=AssociationState.OPEN)
+    opened_at: Mapped[datetime]
+    ended_at: Mapped[datetime | None]
+
+
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (

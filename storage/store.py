@@ -22,6 +22,8 @@ from sqlalchemy.orm import Session
 
 from storage.db import make_engine, make_session_factory, migrate
 from storage.models import (
+    AssociationState,
+    AssociationStudy,
     Counter,
     Delivery,
     DeliveryState,
@@ -58,6 +60,10 @@ class IncomingInstance:
     study_date: str | None = None
     study_description: str | None = None
     calling_ae_title: str | None = None
+    # Set on the first instance of a study an association delivers: records that the association
+    # delivers the study (Store.studies_released), once, off the per-instance path.
+    association: str | None = None
+    association_owner: str | None = None
     # Computed only for the first instance of a series (pipeline.classify.header_summary).
     header: Callable[[], dict[str, Any]] | None = None
     # InstanceKind as far as the header tells (input, non-input, sijnode-result); recording
@@ -322,6 +328,7 @@ class Store:
                 else:
                     replacing.append(incoming)
                     outcomes.append(RecordOutcome.DUPLICATE_REPLACED)
+            self._note_associations(connection, batch, now)
             if len(new) < len(batch):
                 self._count(connection, "instances_duplicate", len(batch) - len(new))
             for study_uid in resent_studies:
@@ -426,6 +433,95 @@ class Store:
             else:
                 self._count(connection, "instances_late_ignored", max(added, 1))
         connection.execute(update(Study).where(Study.study_uid == incoming.study_uid).values(**values))
+
+    # -- completion that follows the sender ---------------------------------------------------
+
+    def _note_associations(self, connection: Connection, batch: Sequence[IncomingInstance], now: datetime) -> None:
+        """Record which association delivers which study (first instance of each pair only)."""
+        for incoming in batch:
+            if incoming.association is not None:
+                self._insert_ignore(
+                    connection,
+                    AssociationStudy,
+                    dict(
+                        association=incoming.association,
+                        study_uid=incoming.study_uid,
+                        owner=incoming.association_owner or incoming.association,
+                        state=AssociationState.OPEN,
+                        opened_at=now,
+                    ),
+                )
+
+    def association_ended(self, association: str, released: bool) -> int:
+        """An association that delivered studies was released (the sender is done) or aborted."""
+        state = AssociationState.RELEASED if released else AssociationState.ABORTED
+        with self.engine.begin() as connection:
+            return connection.execute(
+                update(AssociationStudy)
+                .where(AssociationStudy.association == association, AssociationStudy.state == AssociationState.OPEN)
+                .values(state=state, ended_at=utcnow())
+            ).rowcount
+
+    def abort_open_associations(self, owner: str | None = None) -> int:
+        """Mark the open associations of a dead receiver process (``owner``), or of all, aborted.
+
+        Their senders were cut off, not done: such studies complete by the quiet period.
+        """
+        query = update(AssociationStudy).where(AssociationStudy.state == AssociationState.OPEN)
+        if owner is not None:
+            query = query.where(AssociationStudy.owner == owner)
+        with self.engine.begin() as connection:
+            return connection.execute(query.values(state=AssociationState.ABORTED, ended_at=utcnow())).rowcount
+
+    def studies_released(self, grace_seconds: float) -> list[str]:
+        """Receiving studies whose senders are done: due ``grace_seconds`` after the last release.
+
+        Due when some association that delivered the study was released at least ``grace_seconds``
+        ago, nothing arrived after the last release, no association delivering it is open and none
+        was cut off (aborted, or open when its receiver died) after that release: such a sender
+        may resume, so the quiet period decides instead.
+        """
+        released = (
+            select(AssociationStudy.study_uid, func.max(AssociationStudy.ended_at).label("released_at"))
+            .where(AssociationStudy.state == AssociationState.RELEASED)
+            .group_by(AssociationStudy.study_uid)
+            .subquery()
+        )
+        # An association still open, or cut off after the last release, may deliver more.
+        may_resume = (
+            select(AssociationStudy.study_uid)
+            .where(
+                AssociationStudy.study_uid == Study.study_uid,
+                or_(
+                    AssociationStudy.state == AssociationState.OPEN,
+                    (AssociationStudy.state == AssociationState.ABORTED) & (AssociationStudy.ended_at > released.c.released_at),
+                ),
+            )
+            .exists()
+        )
+        query = (
+            select(Study.study_uid)
+            .join(released, released.c.study_uid == Study.study_uid)
+            .where(
+                Study.state == StudyState.RECEIVING,
+                released.c.released_at <= utcnow() - timedelta(seconds=grace_seconds),
+                Study.last_received_at <= released.c.released_at,
+                ~may_resume,
+            )
+            .order_by(Study.last_received_at)
+        )
+        with self.session() as session:
+            return list(session.scalars(query))
+
+    def forget_ended_associations(self, older_than_seconds: float) -> int:
+        """Delete association rows that ended long ago (they matter only until their study completes)."""
+        cutoff = utcnow() - timedelta(seconds=older_than_seconds)
+        with self.engine.begin() as connection:
+            return connection.execute(
+                AssociationStudy.__table__.delete().where(
+                    AssociationStudy.state != AssociationState.OPEN, AssociationStudy.ended_at < cutoff
+                )
+            ).rowcount
 
     # -- completion and routing ----------------------------------------------------------------
 

@@ -58,7 +58,7 @@ class ReportingChain:
     that result versions, series numbers and predecessor references are tested as PACS sees them.
 
     The "probability" is the middle slice's mean intensity scaled to [0, 1]; the map is that
-    slice's intensities. Neither means anything clinically; the provenance says so (demonstration).
+    slice's intensities, weighted by the probability as every evidence map is. Neither means anything clinically; the provenance says so (demonstration).
     """
 
     def __init__(self, spec: ChainSpec, runtime: RuntimeSettings) -> None:
@@ -66,6 +66,7 @@ class ReportingChain:
 
     def produce(self, inputs: StudyInputs) -> list[Dataset]:
         from pipeline.encode import encode_result
+        from pipeline.cam import evidence_map
         from pipeline.encode.codes import concept
         from pipeline.results import ChainResult, Finding, ImageRef, Map, MapMeaning, Provenance, Site
 
@@ -82,6 +83,6 @@ class ReportingChain:
         )
         result = ChainResult(
             findings=[finding], provenance=provenance, sources=datasets,
-            maps=[Map(ImageRef.of(source), values, MapMeaning.GRAD_CAM)],
+            maps=[Map(ImageRef.of(source), evidence_map(values, finding.probability), MapMeaning.GRAD_CAM)],
         )
         return encode_result(result, plan=inputs.output)

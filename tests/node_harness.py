@@ -50,7 +50,8 @@ class Node:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         base = {
-            "receiver": {"ae_title": NODE_AET, "bind": LOOPBACK, "port": self.port, "extra_calling_ae_titles": ["STORESCU", "ECHOSCU"]},
+            # Two receiver processes share the port: every node test runs the multi-process receive path.
+            "receiver": {"ae_title": NODE_AET, "bind": LOOPBACK, "port": self.port, "extra_calling_ae_titles": ["STORESCU", "ECHOSCU"], "processes": 2},
             "storage": {"data_dir": str(workdir / "var"), "free_space_reserve_mb": 0},
             "study": {"quiet_seconds": 2},
             "workers": {"processes": 1, "lease_seconds": 60},

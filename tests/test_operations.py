@@ -26,7 +26,7 @@ def test_cli_reports_studies_jobs_and_explains_series(tmp_path: Path) -> None:
     files = make_mr_series(tmp_path / "t1", 5)
     study_uid = str(dcmread(files[0]).StudyInstanceUID)
     series_uid = str(dcmread(files[0]).SeriesInstanceUID)
-    overrides = {"chains": [TEST_CHAIN], "study": {"quiet_seconds": 300}}
+    overrides = {"chains": [TEST_CHAIN], "study": {"quiet_seconds": 300, "release_grace_seconds": 300}}
     with Node(tmp_path / "node", overrides) as node:
         assert run_storescu(files, node.port, NODE_AET).returncode == 0
         assert node.cli_json("studies")[0]["state"] == "receiving"

@@ -194,13 +194,13 @@ def test_forward_everything_rule_gives_one_current_result_per_chain(tmp_path: Pa
             assert (explained["role"], explained["counts_as_input"], explained["rule"]) == ("OTHER", False, "xr-not-pelvis")
             assert "not a pelvic radiograph" in explained["reason"] and "CHEST" in explained["reason"]
             outputs = shown["outputs"]
-            assert len(outputs) == 4  # per chain: an SR and a heatmap
-            _delivered(node, 4)
+            assert len(outputs) == 6  # per chain an SR and a heatmap; the study summary's card and SR
+            _delivered(node, 6)
 
             # 2. Orthanc forwards the whole study again, now with the node's own results and the
             #    same images: acknowledged, counted, no new job.
             _push(pacs, study_id)
-            assert _counters(node)["own_results_returned"] == 4
+            assert _counters(node)["own_results_returned"] == 6
             time.sleep(QUIET_SECONDS + 2)  # the completion loop would have routed a re-opened study
             assert _jobs(node) == [("report-stir", 1, "done"), ("report-t1", 1, "done")]
             assert _study(node).state == "complete"
@@ -217,7 +217,7 @@ def test_forward_everything_rule_gives_one_current_result_per_chain(tmp_path: Pa
             for path in (own_file, other_file):
                 sent = run_storescu([path], node.port, NODE_AET)
                 assert sent.returncode == 0, sent.stderr
-            assert _counters(node)["own_results_returned"] == 6
+            assert _counters(node)["own_results_returned"] == 8
             store = node.store()
             kinds = {o["kind"] for o in store.study_detail(study_uid)["objects"]}
             store.dispose()
@@ -231,11 +231,12 @@ def test_forward_everything_rule_gives_one_current_result_per_chain(tmp_path: Pa
             wait_for(lambda: ("report-t1", 2, "done") in _jobs(node), timeout=90, interval=0.3, what=f"result 2\n{node.output_tail()}")
             assert _jobs(node) == [("report-stir", 1, "done"), ("report-t1", 1, "done"), ("report-t1", 2, "done")]
             assert "report-stir': inputs unchanged since result 1" in _study(node).routing_note
-            _delivered(node, 6)
+            _delivered(node, 8)  # result 2's SR and heatmap (and a new summary when its content changed)
 
             series = _study_series(pacs, study_id)
             numbers = [int(s["SeriesNumber"]) for s in series]
-            assert len(numbers) == len(set(numbers)) == 12, sorted(numbers)  # no two series share a number
+            # 6 input/non-input series, 6 result series, the summary's card and SR series
+            assert len(numbers) == len(set(numbers)) == 14, sorted(numbers)  # no two series share a number
             ours = {int(s["SeriesNumber"]): s["SeriesDescription"] for s in series if int(s["SeriesNumber"]) >= 9000}
             assert ours == {
                 9100: "DEMONSTRATION AI findings report-t1-test 1.0 result 1",

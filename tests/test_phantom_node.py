@@ -25,7 +25,7 @@ def test_phantom_studies_classify_as_their_ground_truth(tmp_path: Path) -> None:
     # Seeds 0-3 rotate through Siemens, GE, Philips and Canon naming; seed 4 adds CT and a radiograph.
     studies = _phantoms(tmp_path / "mri", "--seed", "0", "--count", "4", "--kinds", "mri")
     studies += _phantoms(tmp_path / "ctxr", "--seed", "4", "--count", "1", "--kinds", "ct,xr", "--transfer-syntax", "rle")
-    with Node(tmp_path / "node", {"study": {"quiet_seconds": 300}}) as node:
+    with Node(tmp_path / "node", {"study": {"quiet_seconds": 300, "release_grace_seconds": 300}}) as node:
         for study in studies:
             sent = run_storescu(study, node.port, NODE_AET, extra_args=["-xr", "+sp", "*.dcm"])
             assert sent.returncode == 0, sent.stderr

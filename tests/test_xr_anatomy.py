@@ -460,7 +460,7 @@ def test_demo_pack_is_a_small_declared_demonstration() -> None:
     assert pack.weights_path.stat().st_size < 25 * 1024 * 1024
     assert pack.manifest.output("radiographic_sacroiliitis").threshold == 0.59
     assert "demonstration" in pack.manifest.architecture.name
-    assert pack.manifest.evaluation["held_out"]["auc"]["value"] > 0.5
+    assert pack.manifest.evaluation["held_out"]["radiographic_sacroiliitis"]["auc"]["value"] > 0.5
 
 
 def test_unknown_or_mistyped_options_are_refused() -> None:

@@ -77,6 +77,9 @@ class RuntimeSettings:
 
     device: str = "cpu"
     torch_threads: int = 2
+    # "fp32" (exact) or "bf16": forward passes under bf16 autocast, an optional faster mode on
+    # CPUs with AMX / AVX512-BF16 whose deviation is measured in bench/README.md.
+    precision: str = "fp32"
 
 
 class Chain(Protocol):

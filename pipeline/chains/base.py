@@ -30,6 +30,38 @@ def select_device(requested: str) -> str:
     return requested
 
 
+#: the worker's precision for forward passes (RuntimeSettings.precision) and its device type, set by ModelChain
+_precision = ("fp32", "cpu")
+
+
+@contextmanager
+def inference_context() -> Iterator[None]:
+    """The context every chain runs its networks' forward passes in (not Grad-CAM: it needs gradients).
+
+    ``torch.inference_mode`` (no autograd bookkeeping), plus bf16 autocast when the worker runs
+    with ``workers.precision: bf16``. bench/cpu_inference measured these against ``no_grad``,
+    channels-last and TorchScript freezing (bench/README.md). Tensors made inside cannot enter
+    autograd later, so inputs that Grad-CAM reuses must be built outside.
+    """
+    import torch
+
+    precision, device_type = _precision
+    with torch.inference_mode():
+        if precision == "bf16":
+            with torch.autocast(device_type, dtype=torch.bfloat16):
+                yield
+        else:
+            yield
+
+
+def set_precision(precision: str, device: str = "cpu") -> None:
+    """Set the precision of ``inference_context`` in this process: "fp32" (default) or "bf16"."""
+    global _precision
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+    _precision = (precision, "cuda" if device.startswith("cuda") else "cpu")
+
+
 def _fits(value: object, default: object) -> bool:
     """Whether an option's value has its default's type (an int fits a float; a bool fits only a bool)."""
     if isinstance(value, bool) or isinstance(default, bool):
@@ -76,6 +108,7 @@ class ModelChain(ABC):
         self.pack: ModelPack = load_pack(spec.pack, chain=self.chain_name)
         self.device = select_device(runtime.device)
         torch.set_num_threads(runtime.torch_threads)
+        set_precision(runtime.precision, self.device)
         self.timings: dict[str, float] = {}
         self.build(self.pack.load_state_dict())
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.cam import normalize_cam
+from pipeline.chains.base import inference_context
 from pipeline.chains.t2fs_mil.model import (
     T2FSMIL,
     Hyperparameters,
@@ -43,7 +44,7 @@ def flip_horizontal(bag: torch.Tensor) -> torch.Tensor:
     return torch.flip(bag, dims=[-1])
 
 
-@torch.no_grad()
+@inference_context()
 def predict(model: T2FSMIL, bag: torch.Tensor, *, tta: bool = True, chunk: int = 16) -> Prediction:
     """Probability of active sacroiliitis for one bag (slices, C, H, W); TTA averages the
     probabilities of the bag and its horizontal mirror image."""

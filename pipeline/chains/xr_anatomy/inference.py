@@ -18,6 +18,7 @@ from monai.visualize import GradCAM
 from pydicom import Dataset
 
 from pipeline.cam import normalize_cam
+from pipeline.chains.base import inference_context
 
 from .data import LEFT_ILIUM, RIGHT_ILIUM, SACRUM
 from .joints import JointCrop, ilium_classes, joint_regions, trimmed
@@ -127,7 +128,7 @@ class AnatomyAwareModel:
         """The segmenter's logits (1, classes, S, S) by sliding-window inference, in the network's
         layout ((columns, rows) where ``transpose`` is set)."""
         image = segmenter_input(gray, self.segmentation).to(self.device)
-        with torch.no_grad():
+        with inference_context():
             return plain(self.inferer(image, self.networks.segmenter)).float().cpu()
 
     def _to_radiograph(self, labels: np.ndarray) -> np.ndarray:
@@ -156,7 +157,7 @@ class AnatomyAwareModel:
     def classify(self, crop_image: np.ndarray) -> tuple[float, torch.Tensor]:
         """P(radiographic sacroiliitis) for a crop, and the classifier's input (for Grad-CAM)."""
         x = classifier_input(crop_image, self.classification)
-        with torch.no_grad():
+        with inference_context():
             logits = self.networks.classifier(plain(x)[None].to(self.device))
         probability = float(torch.softmax(logits.float(), dim=1)[0, POSITIVE_CLASS])
         return probability, x
