@@ -749,6 +749,15 @@ def cmd_packs_verify(args: argparse.Namespace, config: Config | None, out: Outpu
     return EXIT_INVALID if problems else EXIT_OK
 
 
+def _pack_written(pack: Any, out: Output) -> int:
+    """Say which pack an import wrote (folder, name, version, weights sha256)."""
+    if out.json:
+        _print_json({"pack": str(pack.folder), "name": pack.manifest.name, "version": pack.manifest.version, "sha256": pack.manifest.weights.sha256})
+    else:
+        out.line(f"wrote pack {pack.manifest.name} {pack.manifest.version} to {pack.folder}")
+    return EXIT_OK
+
+
 def cmd_packs_import_anatomy_aware(args: argparse.Namespace, config: Config | None, out: Output) -> int:
     from pipeline.chains.xr_anatomy.importer import WeightsImportError, import_anatomy_aware
 
@@ -756,11 +765,7 @@ def cmd_packs_import_anatomy_aware(args: argparse.Namespace, config: Config | No
         pack = import_anatomy_aware(Path(args.classifier), Path(args.segmenter), Path(args.out), trust_pickle=args.trust_pickle)
     except WeightsImportError as error:
         raise CLIError(str(error), EXIT_INVALID) from None
-    if out.json:
-        _print_json({"pack": str(pack.folder), "name": pack.manifest.name, "version": pack.manifest.version, "sha256": pack.manifest.weights.sha256})
-    else:
-        out.line(f"wrote pack {pack.manifest.name} {pack.manifest.version} to {pack.folder}")
-    return EXIT_OK
+    return _pack_written(pack, out)
 
 
 def cmd_packs_import_ct_slices(args: argparse.Namespace, config: Config | None, out: Output) -> int:
@@ -777,11 +782,7 @@ def cmd_packs_import_ct_slices(args: argparse.Namespace, config: Config | None, 
         )
     except WeightsImportError as error:
         raise CLIError(str(error), EXIT_INVALID) from None
-    if out.json:
-        _print_json({"pack": str(pack.folder), "name": pack.manifest.name, "version": pack.manifest.version, "sha256": pack.manifest.weights.sha256})
-    else:
-        out.line(f"wrote pack {pack.manifest.name} {pack.manifest.version} to {pack.folder}")
-    return EXIT_OK
+    return _pack_written(pack, out)
 
 
 def cmd_packs_import_t1stir_3d(args: argparse.Namespace, config: Config | None, out: Output) -> int:
@@ -800,11 +801,7 @@ def cmd_packs_import_t1stir_3d(args: argparse.Namespace, config: Config | None, 
         )
     except WeightsImportError as error:
         raise CLIError(str(error), EXIT_INVALID) from None
-    if out.json:
-        _print_json({"pack": str(pack.folder), "name": pack.manifest.name, "version": pack.manifest.version, "sha256": pack.manifest.weights.sha256})
-    else:
-        out.line(f"wrote pack {pack.manifest.name} {pack.manifest.version} to {pack.folder}")
-    return EXIT_OK
+    return _pack_written(pack, out)
 
 
 def cmd_train(args: argparse.Namespace, config: Config | None, out: Output) -> int:
