@@ -722,6 +722,8 @@ def cmd_packs_list(args: argparse.Namespace, config: Config, out: Output) -> int
           "DEMO" if r.get("demo") else ("no" if "demo" in r else None),
           ", ".join(f"{k} ({v:g})" for k, v in r.get("outputs", {}).items()), r.get("architecture")] for r in rows],
     )
+    if any(r.get("demo") for r in rows):
+        out.line("DEMO = DEMONSTRATION pack (phantoms only), not for diagnosis")
     for r in rows:
         if r.get("error"):
             print(f"sijnode: chains[{r['chain']}].pack: {r['error']}", file=sys.stderr)
@@ -747,6 +749,15 @@ def cmd_packs_verify(args: argparse.Namespace, config: Config | None, out: Outpu
     return EXIT_INVALID if problems else EXIT_OK
 
 
+def _pack_written(pack: Any, out: Output) -> int:
+    """Say which pack an import wrote (folder, name, version, weights sha256)."""
+    if out.json:
+        _print_json({"pack": str(pack.folder), "name": pack.manifest.name, "version": pack.manifest.version, "sha256": pack.manifest.weights.sha256})
+    else:
+        out.line(f"wrote pack {pack.manifest.name} {pack.manifest.version} to {pack.folder}")
+    return EXIT_OK
+
+
 def cmd_packs_import_anatomy_aware(args: argparse.Namespace, config: Config | None, out: Output) -> int:
     from pipeline.chains.xr_anatomy.importer import WeightsImportError, import_anatomy_aware
 
@@ -754,11 +765,7 @@ def cmd_packs_import_anatomy_aware(args: argparse.Namespace, config: Config | No
         pack = import_anatomy_aware(Path(args.classifier), Path(args.segmenter), Path(args.out), trust_pickle=args.trust_pickle)
     except WeightsImportError as error:
         raise CLIError(str(error), EXIT_INVALID) from None
-    if out.json:
-        _print_json({"pack": str(pack.folder), "name": pack.manifest.name, "version": pack.manifest.version, "sha256": pack.manifest.weights.sha256})
-    else:
-        out.line(f"wrote pack {pack.manifest.name} {pack.manifest.version} to {pack.folder}")
-    return EXIT_OK
+    return _pack_written(pack, out)
 
 
 def cmd_packs_import_ct_slices(args: argparse.Namespace, config: Config | None, out: Output) -> int:
@@ -775,11 +782,7 @@ def cmd_packs_import_ct_slices(args: argparse.Namespace, config: Config | None, 
         )
     except WeightsImportError as error:
         raise CLIError(str(error), EXIT_INVALID) from None
-    if out.json:
-        _print_json({"pack": str(pack.folder), "name": pack.manifest.name, "version": pack.manifest.version, "sha256": pack.manifest.weights.sha256})
-    else:
-        out.line(f"wrote pack {pack.manifest.name} {pack.manifest.version} to {pack.folder}")
-    return EXIT_OK
+    return _pack_written(pack, out)
 
 
 def cmd_packs_import_t1stir_3d(args: argparse.Namespace, config: Config | None, out: Output) -> int:
@@ -798,11 +801,7 @@ def cmd_packs_import_t1stir_3d(args: argparse.Namespace, config: Config | None, 
         )
     except WeightsImportError as error:
         raise CLIError(str(error), EXIT_INVALID) from None
-    if out.json:
-        _print_json({"pack": str(pack.folder), "name": pack.manifest.name, "version": pack.manifest.version, "sha256": pack.manifest.weights.sha256})
-    else:
-        out.line(f"wrote pack {pack.manifest.name} {pack.manifest.version} to {pack.folder}")
-    return EXIT_OK
+    return _pack_written(pack, out)
 
 
 def cmd_train(args: argparse.Namespace, config: Config | None, out: Output) -> int:

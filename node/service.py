@@ -226,6 +226,20 @@ class Service:
         )
         return True
 
+    def _check_port_bindable(self) -> None:
+        """Fail in one line, before any receiver process starts, when another program holds the
+        port (the receiver processes bind it with SO_REUSEPORT, which a foreign socket refuses)."""
+        settings = self.config.receiver
+        probe = socket.socket(socket.AF_INET6 if ":" in settings.bind else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            probe.bind((settings.bind, settings.port))
+        except OSError as error:
+            raise ServiceStartError(f"cannot listen for DICOM on {settings.bind}:{settings.port}: {error.strerror or error}") from None
+        finally:
+            probe.close()
+
     def _listen(self) -> None:
         """Open the DICOM port and the metrics port, or say in one line why not."""
         settings = self.config.receiver
@@ -252,6 +266,7 @@ class Service:
         signal.signal(signal.SIGHUP, lambda *_: self.reload_event.set())
         # The port first: a second service on the same port fails here, before touching claims.
         self._port_guard = claim_port(self.config.receiver.port)
+        self._check_port_bindable()
         self._take_back_claims()
         self._await_listening([self._start_receiver(index) for index in range(1, self.config.receiver_count)])
         # The service's own receiver listens last: once it answers, every receiver process does.

@@ -53,7 +53,7 @@ def test_tables_fit_80_columns_and_short_uids_paste_back(tmp_path: Path) -> None
     closed_port = free_port()  # nothing listens: deliveries fail with "connection refused"
     overrides = {
         "chains": [TEST_CHAIN],
-        "study": {"quiet_seconds": 300},
+        "study": {"quiet_seconds": 300, "release_grace_seconds": 300},  # only `complete` completes
         "peers": [{"name": "pacs", "ae_title": "PACS", "host": LOOPBACK, "port": closed_port}],
     }
     with Node(tmp_path / "node", overrides) as node:

@@ -106,10 +106,11 @@ def test_cli_lists_verifies_and_refuses_to_serve_with_a_bad_pack(tmp_path: Path)
 
     pack.weights_path.write_bytes(pack.weights_path.read_bytes() + b"\0")
     verified = _cli(config, "packs", "verify")
-    assert verified.returncode == 1 and "does not match" in verified.stderr
+    # exit 2: an unusable pack is invalid configuration (README, "Exit codes")
+    assert verified.returncode == 2 and "does not match" in verified.stderr
     served = _cli(config, "serve")
-    assert served.returncode == 2 and "chains.toy.pack" in served.stderr and "does not match" in served.stderr
-    assert _cli(config, "config", "check").returncode == 1
+    assert served.returncode == 2 and "chains[toy].pack" in served.stderr and "does not match" in served.stderr
+    assert _cli(config, "config", "check").returncode == 2
 
 
 def test_metrics_match_hand_computed_values(tmp_path: Path) -> None:

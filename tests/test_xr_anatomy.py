@@ -403,7 +403,7 @@ def test_cli_imports_the_published_files_and_refuses_a_bad_one(published_files: 
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["sha256"] == load_pack(tmp_path / "pack").manifest.weights.sha256
     refused = cli("--classifier", str(root / "segmentation_model.pt"), "--segmenter", str(root / "segmentation_model.pt"), "--out", str(tmp_path / "bad"))
-    assert refused.returncode == 1 and refused.stderr.strip()
+    assert refused.returncode == 2 and refused.stdout.strip()  # invalid input: exit 2, the error as JSON (--json)
     assert not (tmp_path / "bad").exists()
 
 

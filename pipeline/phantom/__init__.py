@@ -75,7 +75,10 @@ Ground truth (``ground_truth.json``): generator version, seed, the normalised SP
 anatomy parameters and landmarks, every series (role ``T1``/``STIR``/``T2FS``/``CT``/
 ``XR``, plane ``axial``/``coronal``/..., semicoronal tilt in degrees, geometry, UIDs),
 every lesion (type, side, quadrant, region, centre in LPS, size, mask bit, affected
-slice indices per series, radiograph pixels), per-side mNY grade and derived labels.
+slice indices per series, radiograph pixels), per-side mNY grade and derived labels, and
+``readers``: simulated gradings by 2 readers x 3 sessions of the 14 per-joint outputs
+(edema / erosion / fat per quadrant, sclerosis, ankylosis) with known confusion, plus the
+consensus labels ``R1R2``, ``R1``, ``R2`` (see :mod:`pipeline.phantom.readers`).
 Masks (``masks.npz``): ``<ROLE>_anatomy`` (labels in ``ANATOMY_LABELS``),
 ``<ROLE>_joint_line``, ``<ROLE>_lesions`` (bit field) for slice series;
 ``XR_sacrum``, ``XR_left_ilium``, ``XR_right_ilium``, ``XR_left_joint``,

@@ -34,6 +34,7 @@ from .lesions import (
 )
 from .mri import plan_mri, render_mri
 from .radiograph import plan_radiograph, render_radiograph
+from .readers import readers_record
 from .series import RenderedSeries, SeriesPlan
 from .vendors import Vendor, vendor_for_seed
 from .version import GENERATOR_VERSION
@@ -170,6 +171,7 @@ def generate_study(
         "mny_grade": labels["mny_grade"],
         "labels": labels,
         "quadrant_findings": quadrant_findings(lesion_records),
+        "readers": readers_record(seed, lesion_records),
         "masks": _mask_legend(masks),
         "conventions": {
             "coordinates": "DICOM patient LPS in mm: +x patient's left, +y posterior, +z head",
