@@ -362,11 +362,29 @@ def test_demo_pack_is_a_small_declared_demonstration() -> None:
     pack = load_pack(DEMO_PACK)
     pack.verify()
     assert pack.manifest.demo and pack.manifest.chain == "ct-slices"
-    assert pack.manifest.architecture.hyperparameters["model"] == "average"
+    assert pack.manifest.architecture.hyperparameters["model"] == RESNEXT  # declared: ResNeXt alone (README)
     assert pack.weights_path.stat().st_size < 25 * 2**20
     assert "PCA" in pack.manifest.preprocessing["pca_whitening"]
     held_out = pack.manifest.evaluation["held_out"]
     assert held_out["sacroiliitis"]["auc"]["value"] is not None
+
+
+def test_demo_pack_grad_cam_lies_on_the_side_of_a_unilateral_lesion(tmp_path: Path) -> None:
+    """Right-sided structural sacroiliitis: the Grad-CAM mass lies on the patient's right (LPS x below the midline)."""
+    study = generate_study(90031, kinds=("ct",), lesions={"lesions": [], "mny_grade": {"left": 0, "right": 3}})
+    (_, datasets), = study.series
+    midline = float(study.ground_truth["anatomy"]["joint_center_lps_mm"][0])
+    result = _chain(DEMO_PACK).run(_inputs(_write_series(list(datasets), tmp_path / "ct")))
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in datasets}
+    right = left = 0.0
+    for heat in result.maps:
+        source = by_uid[heat.source.sop_instance_uid]
+        origin, row, col, dr, dc = _geometry(source)
+        rows, cols = np.indices(heat.values.shape)
+        x = origin[0] + cols * dc * row[0] + rows * dr * col[0]  # patient x: + is the patient's left
+        right += float(heat.values[x < midline].sum())
+        left += float(heat.values[x > midline].sum())
+    assert result.maps and right > left, (right, left)
 
 
 def test_train_and_evaluate_through_the_cli_on_four_phantoms(tmp_path: Path) -> None:

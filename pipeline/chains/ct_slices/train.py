@@ -77,6 +77,22 @@ DEMO_HYPERPARAMETERS: dict[str, Any] = {
 #: the demonstration pack's preprocessing: the published recipe with a 160 mm crop and 12 slices
 DEMO_PREPROCESSING: dict[str, Any] = {**PUBLISHED_PREPROCESSING, "crop_mm": 160.0, "max_slices": 12}
 
+#: how the demonstration networks differ from the published ones (for the manifest's architecture name)
+_DEMO_NETWORK_NAMES = {
+    RESNEXT: "ResNeXt 32x4d layout at quarter width, one block per stage, 8 groups of 8, on 96 px "
+    "(published ResNeXt-50 32x4d, blocks 3/4/6/3, on 224 px)",
+    INCEPTION: "Inception-v4 at quarter width with one Inception-A/B/C each on 107 px (published 4/7/3 on 299 px)",
+}
+
+
+def architecture_name(hyperparameters: Mapping[str, Any]) -> str:
+    """The manifest's architecture name for the demonstration networks that ``model`` selects."""
+    selection = hyperparameters["model"]
+    if selection == "average":
+        return f"Fu et al. 2024 networks at demonstration size, averaged: {_DEMO_NETWORK_NAMES[RESNEXT]} and {_DEMO_NETWORK_NAMES[INCEPTION]}"
+    return f"Fu et al. 2024 {selection} alone at demonstration size: {_DEMO_NETWORK_NAMES[selection]}"
+
+
 INTENDED_USE = (
     "Demonstration and testing of the ct-slices chain only. Trained on synthetic phantoms: its outputs on "
     "real CT mean nothing. Not for diagnosis."
@@ -232,11 +248,7 @@ def train(
         "chain": CHAIN,
         "demo": True,
         "architecture": {
-            "name": (
-                "Fu et al. 2024 networks at demonstration size, averaged: ResNeXt 32x4d layout at quarter width, "
-                "one block per stage, 8 groups of 8, on 96 px (published ResNeXt-50 32x4d, blocks 3/4/6/3, on 224 px) "
-                "and Inception-v4 at quarter width with one Inception-A/B/C each on 107 px (published 4/7/3 on 299 px)"
-            ),
+            "name": architecture_name(hyper),
             "hyperparameters": hyper,
         },
         "preprocessing": preprocessing,
