@@ -240,24 +240,28 @@ class Service:
         finally:
             probe.close()
 
+    def _serve_metrics(self) -> None:
+        """Open the metrics and health port (before any receiver answers, so a node that echoes
+        also answers /health), or say in one line why not."""
+        if not self.config.metrics.enabled:
+            return
+        bind, port = self.config.metrics.bind, self.config.metrics.port
+        try:
+            self.metrics_server = metrics.MetricsServer(
+                bind, port, self.store, self.spool, lambda: [peer.name for peer in self.config.destinations]
+            )
+        except OSError as error:
+            raise ServiceStartError(f"cannot serve metrics on {bind}:{port}: {error.strerror or error} (metrics.port)") from None
+        self.metrics_server.start()
+        log_event(log, logging.INFO, f"metrics on http://{bind}:{self.metrics_server.port}/metrics and /health")
+
     def _listen(self) -> None:
-        """Open the DICOM port and the metrics port, or say in one line why not."""
+        """Open the DICOM port, or say in one line why not."""
         settings = self.config.receiver
         try:
             self.receiver.start()
         except OSError as error:
             raise ServiceStartError(f"cannot listen for DICOM on {settings.bind}:{settings.port}: {error.strerror or error}") from None
-        if self.config.metrics.enabled:
-            bind, port = self.config.metrics.bind, self.config.metrics.port
-            try:
-                self.metrics_server = metrics.MetricsServer(
-                    bind, port, self.store, self.spool, lambda: [peer.name for peer in self.config.destinations]
-                )
-            except OSError as error:
-                self.receiver.stop()
-                raise ServiceStartError(f"cannot serve metrics on {bind}:{port}: {error.strerror or error} (metrics.port)") from None
-            self.metrics_server.start()
-            log_event(log, logging.INFO, f"metrics on http://{bind}:{self.metrics_server.port}/metrics and /health")
 
     def run(self) -> None:
         """Run until SIGTERM/SIGINT; SIGHUP reloads the config."""
@@ -267,6 +271,7 @@ class Service:
         # The port first: a second service on the same port fails here, before touching claims.
         self._port_guard = claim_port(self.config.receiver.port)
         self._check_port_bindable()
+        self._serve_metrics()
         self._take_back_claims()
         self._await_listening([self._start_receiver(index) for index in range(1, self.config.receiver_count)])
         # The service's own receiver listens last: once it answers, every receiver process does.

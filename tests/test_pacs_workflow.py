@@ -178,7 +178,9 @@ def test_forward_everything_rule_gives_one_current_result_per_chain(tmp_path: Pa
             _push(pacs, study_id)
             wait_for(lambda: _jobs(node) == [("report-stir", 1, "done"), ("report-t1", 1, "done")], timeout=90,
                      interval=0.3, what=f"one job per chain\n{node.output_tail()}")
-            shown = node.cli_json("show", study_uid)
+            # per chain an SR and a heatmap; the study summary's card and SR follow the last job
+            shown = wait_for(lambda: (s := node.cli_json("show", study_uid)) and len(s["outputs"]) == 6 and s,
+                             timeout=60, interval=0.3, what=f"results and the study summary\n{node.output_tail()}")
             objects = {(o["kind"], o["sop_class_uid"]): o["count"] for o in shown["objects"]}
             assert objects == {
                 ("input", "1.2.840.10008.5.1.4.1.1.4"): 11,
@@ -194,7 +196,6 @@ def test_forward_everything_rule_gives_one_current_result_per_chain(tmp_path: Pa
             assert (explained["role"], explained["counts_as_input"], explained["rule"]) == ("OTHER", False, "xr-not-pelvis")
             assert "not a pelvic radiograph" in explained["reason"] and "CHEST" in explained["reason"]
             outputs = shown["outputs"]
-            assert len(outputs) == 6  # per chain an SR and a heatmap; the study summary's card and SR
             _delivered(node, 6)
 
             # 2. Orthanc forwards the whole study again, now with the node's own results and the
