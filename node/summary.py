@@ -19,7 +19,7 @@ from node.config import Config
 from node.logs import log_event
 from pipeline.encode.sr import report_lines
 from pipeline.encode.summary import StudySummary, chain_outcome, encode_summary, series_fates, summary_series_uids
-from storage.models import JobState
+from storage.models import InstanceKind, JobState
 from storage.spool import Spool
 from storage.store import ProducedObject, Store
 
@@ -68,10 +68,12 @@ def update_study_summary(store: Store, spool: Spool, config: Config, study_uid: 
     if all(lines is None for lines in reported) and not any(job.state == JobState.FAILED for job in jobs):
         return False  # no chain reports in an SR (e.g. an export-only chain): nothing to summarise
     summary = StudySummary(study_uid, tuple(outcomes), series_fates(detail["series"], jobs, config.chains))
-    instances = store.study_instances(study_uid)
-    if not instances:
+    # The summary's evidence and patient/study module come from one of the study's input images:
+    # an SR, KOS or presentation state the PACS also sent is no image to cite.
+    images = [i for i in store.study_instances(study_uid) if i.kind == InstanceKind.INPUT]
+    if not images:
         return False
-    reference = dcmread(spool.absolute(instances[0].path), stop_before_pixels=True)
+    reference = dcmread(spool.absolute(images[0].path), stop_before_pixels=True)
     # the summary's version (its InstanceNumber): one more than the summaries already made
     version = sum(1 for o in previous if o.sop_class_uid not in SR_STORAGE_CLASSES) + 1
     datasets = encode_summary(summary, reference, version)
