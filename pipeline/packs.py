@@ -62,6 +62,7 @@ class Manifest(_Strict):
     preprocessing: dict[str, Any] = {}
     outputs: list[OutputSpec]
     training_data: str
+    training: dict[str, Any] = {}  # how the weights were made (recipe, augmentation); training.json has the history
     intended_use: str
     weights: WeightsSpec
     evaluation: dict[str, Any] = {}  # summary metrics; the full report lives beside the manifest

@@ -25,7 +25,7 @@ from pipeline.chains.t2fs_mil.model import (
 )
 from pipeline.chains.t2fs_mil.preprocess import order_slices, preprocess_series
 from pipeline.chains.t2fs_mil.inference import OUTPUT
-from pipeline.chains.t2fs_mil.train import DEMO_HYPERPARAMETERS, WITHOUT_TTA, Recipe, evaluate, train
+from pipeline.chains.t2fs_mil.train import DEMO_HYPERPARAMETERS, WITHOUT_TTA, Recipe, augment, augmentation, evaluate, train
 from pipeline.evaluation import METRICS as EVALUATION_METRICS
 from pipeline.packs import PackError, load_pack
 from pipeline.phantom import generate_study, write_study
@@ -406,6 +406,8 @@ def test_a_tiny_training_run_writes_a_pack_the_chain_loads(tiny_data: Path, tmp_
     assert [h["epoch"] for h in report["phases"]["end to end"]["history"]] == [0, 1]
     assert [h["epoch"] for h in report["phases"]["MIL head on frozen features"]["history"]] == [0, 1, 2]
     assert not set(report["split"]["training"]) & set(report["split"]["validation"])
+    assert any("RandFlip rows" in step for step in report["recipe"]["augmentation"])
+    assert pack.manifest.training["augmentation"] == report["recipe"]["augmentation"]
 
     result = T2FSMILChain(chain_spec(pack.folder), RuntimeSettings()).run(phantoms["edema"].inputs())
     assert 0.0 <= result.findings[0].probability <= 1.0
@@ -424,3 +426,32 @@ def _read(path: Path) -> Dataset:
     from pydicom import dcmread
 
     return dcmread(path)
+
+
+def _distinct_slices(count: int = 3, size: int = 16) -> torch.Tensor:
+    """(count, 1, size, size) slices without any symmetry, each different."""
+    base = torch.arange(size * size, dtype=torch.float32).reshape(size, size) ** 1.3
+    return torch.stack([(base + 50.0 * k) / 100.0 for k in range(count)])[:, None]
+
+
+def test_the_augmentation_is_the_papers_flips_and_intensity_changes_seeded() -> None:
+    slices = _distinct_slices()
+    flips_only = Recipe(horizontal_flip=1.0, vertical_flip=1.0, intensity_probability=0.0)
+    assert torch.equal(augment(augmentation(flips_only, 0), slices, per_slice=False), slices.flip(-1).flip(-2))
+    mirror_only = Recipe(horizontal_flip=1.0, vertical_flip=0.0, intensity_probability=0.0)
+    assert torch.equal(augment(augmentation(mirror_only, 0), slices, per_slice=True), slices.flip(-1))
+
+    # intensity only: the geometry stays, the values change, each within its declared range
+    intensity = Recipe(horizontal_flip=0.0, vertical_flip=0.0, intensity_probability=1.0, gamma=(1.0, 1.0), contrast=0.0, brightness=0.2)
+    shifted = augment(augmentation(intensity, 1), slices, per_slice=False)
+    offset = shifted - slices
+    assert torch.allclose(offset, offset.flatten()[0].expand_as(offset), atol=1e-5)  # one draw for the whole bag
+    assert 0 < abs(float(offset.flatten()[0])) <= 0.2
+    per_slice = augment(augmentation(intensity, 1), slices, per_slice=True) - slices
+    assert len({round(float(o.flatten()[0]), 5) for o in per_slice}) == len(slices)  # one draw per slice
+
+    # seeded: the same seed gives the same draws, another seed others
+    recipe = Recipe()
+    runs = [[augment(transform, slices, per_slice=False) for _ in range(6)] for transform in (augmentation(recipe, 7), augmentation(recipe, 7), augmentation(recipe, 8))]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
+    assert not all(torch.equal(a, b) for a, b in zip(runs[0], runs[2]))

@@ -9,11 +9,21 @@ and validation:
    bone marrow edema from slices without, from the phantoms' ground truth, on batches of
    slices of the *training* studies: half with edema, a quarter through a joint without edema
    (the bright joint cleft is what it must not take for edema), a quarter any other slice;
-   mirrored and shifted at random. The bag classifier starts from the slice head.
+   each slice augmented on its own (:func:`augmentation`) and shifted at random. The bag
+   classifier starts from the slice head.
 2. **MIL head** -- encoder frozen, the gated attention and the bag classifier learn from the
-   study labels only (features of each bag and its mirror image computed once).
+   study labels only (features of each bag, its mirror image and ``head_views`` augmented views
+   computed once; each epoch draws one of them per bag).
 3. **End to end** -- ``epochs`` epochs of the whole network on the study labels, each bag
-   randomly mirrored left-right (the augmentation TTA undoes), batch-norm statistics frozen.
+   augmented as a whole (one draw for all its slices: a study is one acquisition), batch-norm
+   statistics frozen.
+
+Augmentation is the paper's ("random horizontal and vertical flipping, contrast and brightness
+variations"), as MONAI transforms: ``RandFlip`` on the columns (the mirror TTA undoes) and on
+the rows, ``RandAdjustContrast`` (gamma) and ``RandScaleIntensity`` (contrast), ``RandShiftIntensity``
+(brightness). They act on the preprocessed slices, i.e. after the z-score (the paper's act on the
+equalised 8-bit images before its normalisation); the paper gives no magnitudes, the recipe's are
+ours (:class:`Recipe`).
 
 The positive class is weighted by the class ratio; of the states after phase 2 and after each
 epoch of phase 3, the one with the lowest validation loss (TTA probabilities) is kept. The pack
@@ -79,11 +89,12 @@ from pipeline.training import (
     progress_display,
     seed_everything,
     split_by_patient,
+    TRAINING_REPORT,
     write_training_report,
 )
 
 CHAIN = "t2fs-mil"
-PACK_VERSION = "0.1.0"
+PACK_VERSION = "0.2.0"  # 0.2: the paper's augmentation (vertical flips, contrast and brightness), sijnode-training/1 report
 #: the seed's architecture at a quarter of its width, on 128-pixel slices: trains on a CPU
 DEMO_HYPERPARAMETERS: dict[str, Any] = {**SEED_HYPERPARAMETERS, "widen_factor": 0.25, "input_size": 128}
 DEFAULT_EPOCHS = 3
@@ -110,6 +121,26 @@ class Recipe:
     head_rate: float = 3e-4
     fine_tune_rate: float = 3e-5
     weight_decay: float = 1e-4
+    # augmentation (the paper names the kinds, not the magnitudes: these are ours)
+    horizontal_flip: float = 0.5  # probability of the left-right mirror
+    vertical_flip: float = 0.5  # probability of the up-down flip
+    intensity_probability: float = 0.5  # probability of each of the three intensity changes
+    gamma: tuple[float, float] = (0.8, 1.25)  # RandAdjustContrast
+    contrast: float = 0.15  # RandScaleIntensity: x (1 + U(-c, c)), about the slice mean (0 after the z-score)
+    brightness: float = 0.15  # RandShiftIntensity: + U(-b, b), in z-score units
+    head_views: int = 2  # augmented views per training bag for the MIL head on frozen features
+
+    def augmentation_summary(self) -> list[str]:
+        """The augmentation in words, for training.json and the manifest."""
+        return [
+            f"RandFlip columns (left-right mirror), p={self.horizontal_flip}",
+            f"RandFlip rows (up-down), p={self.vertical_flip}",
+            f"RandAdjustContrast gamma {self.gamma[0]}-{self.gamma[1]}, p={self.intensity_probability}",
+            f"RandScaleIntensity factors +-{self.contrast}, p={self.intensity_probability}",
+            f"RandShiftIntensity offsets +-{self.brightness} (z-score units), p={self.intensity_probability}",
+            "per slice in the encoder warm-up (plus a random shift of up to shift_pixels); "
+            "one draw per bag in the MIL stages; on the preprocessed (z-scored) slices",
+        ]
 
 
 @dataclass
@@ -146,7 +177,42 @@ def _shift(slices: torch.Tensor, rng: np.random.Generator, pixels: int) -> torch
     return torch.stack(moved)
 
 
-def _warm_up_encoder(model: T2FSMIL, bags: Sequence[Bag], recipe: Recipe, rng: np.random.Generator, bar: Any) -> tuple[nn.Linear, list[dict[str, float]]]:
+def augmentation(recipe: Recipe, seed: int) -> Any:
+    """The paper's training augmentation as a seeded MONAI ``Compose`` on a channel-first
+    (channels, rows, columns) array; :func:`augment` applies it to slices or bags."""
+    from monai.transforms import Compose, RandAdjustContrast, RandFlip, RandScaleIntensity, RandShiftIntensity
+
+    transform = Compose(
+        [
+            RandFlip(prob=recipe.horizontal_flip, spatial_axis=1),  # columns: the patient's left and right
+            RandFlip(prob=recipe.vertical_flip, spatial_axis=0),  # rows: anterior and posterior
+            RandAdjustContrast(prob=recipe.intensity_probability, gamma=recipe.gamma),
+            RandScaleIntensity(factors=recipe.contrast, prob=recipe.intensity_probability),
+            RandShiftIntensity(offsets=recipe.brightness, prob=recipe.intensity_probability),
+        ]
+    )
+    transform.set_random_state(seed=seed % 2**32)
+    return transform
+
+
+def augment(transform: Any, slices: torch.Tensor, *, per_slice: bool) -> torch.Tensor:
+    """``slices`` (slices, channels, H, W) augmented: each slice with its own draw (``per_slice``),
+    or the whole bag with one (its slices and channels ride in MONAI's channel dimension)."""
+    from monai.data import MetaTensor
+
+    def run(stack: torch.Tensor) -> torch.Tensor:
+        shape = stack.shape
+        out = transform(stack.reshape(-1, *shape[-2:]))
+        out = out.as_tensor() if isinstance(out, MetaTensor) else torch.as_tensor(out)
+        return out.reshape(shape).to(torch.float32)
+
+    slices = slices.float()
+    return torch.stack([run(s) for s in slices]) if per_slice else run(slices)
+
+
+def _warm_up_encoder(
+    model: T2FSMIL, bags: Sequence[Bag], recipe: Recipe, rng: np.random.Generator, transform: Any, bar: Any
+) -> tuple[nn.Linear, list[dict[str, float]]]:
     """Phase 1: slice-level edema classification on balanced batches; returns the slice head and the loss trace."""
     head = nn.Linear(model.feature_dim, 1)
     index = [(b, s) for b, bag in enumerate(bags) for s in range(bag.slices.shape[0])]
@@ -169,9 +235,8 @@ def _warm_up_encoder(model: T2FSMIL, bags: Sequence[Bag], recipe: Recipe, rng: n
             + [hard[i] for i in rng.integers(len(hard), size=quarter)]
             + [negatives[i] for i in rng.integers(len(negatives), size=recipe.slice_batch - half - quarter)]
         )
-        slices = torch.stack([bags[b].slices[s].float() for b, s in chosen])
-        mirror = torch.as_tensor(rng.random(len(chosen)) < 0.5)
-        slices = _shift(torch.where(mirror[:, None, None, None], flip_horizontal(slices), slices), rng, recipe.shift_pixels)
+        slices = torch.stack([bags[b].slices[s] for b, s in chosen])
+        slices = _shift(augment(transform, slices, per_slice=True), rng, recipe.shift_pixels)
         targets = torch.tensor([float(bags[b].slice_labels[s]) for b, s in chosen])
         loss = optimizer_step(optimizer, loss_function(head(model.encoder(slices)).squeeze(-1), targets), schedule)
         running.append(loss)
@@ -183,7 +248,7 @@ def _warm_up_encoder(model: T2FSMIL, bags: Sequence[Bag], recipe: Recipe, rng: n
 
 
 @torch.no_grad()
-def _slice_auc(head: nn.Linear, features: Sequence[tuple[torch.Tensor, torch.Tensor]], bags: Sequence[Bag]) -> float:
+def _slice_auc(head: nn.Linear, features: Sequence[tuple[torch.Tensor, ...]], bags: Sequence[Bag]) -> float:
     """How well the warm-up's slice head separates slices with edema (original view)."""
     scores = torch.cat([head(f[0]).squeeze(-1) for f in features]).numpy()
     labels = torch.cat([bag.slice_labels for bag in bags]).numpy()
@@ -191,30 +256,33 @@ def _slice_auc(head: nn.Linear, features: Sequence[tuple[torch.Tensor, torch.Ten
 
 
 @torch.no_grad()
-def _features(model: T2FSMIL, bags: Sequence[Bag], bar: Any, what: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Encoder features of each bag and of its mirror image."""
+def _features(
+    model: T2FSMIL, bags: Sequence[Bag], bar: Any, what: str, transform: Any = None, views: int = 0
+) -> list[tuple[torch.Tensor, ...]]:
+    """Encoder features of each bag, of its mirror image, and of ``views`` views augmented by ``transform``."""
     model.eval()
     task = bar.add_task(f"features of {what}", total=len(bags), status="")
     features = []
     for bag in bags:
         slices = bag.slices.float()
-        features.append((model.encode(slices, 16), model.encode(flip_horizontal(slices), 16)))
+        augmented = [augment(transform, slices, per_slice=False) for _ in range(views if transform is not None else 0)]
+        features.append(tuple(model.encode(view, 16) for view in (slices, flip_horizontal(slices), *augmented)))
         bar.advance(task)
     return features
 
 
-def _head_loss(model: T2FSMIL, features: Sequence[tuple[torch.Tensor, torch.Tensor]], labels: np.ndarray) -> float:
-    """Validation loss of the TTA probabilities, from precomputed features."""
+def _head_loss(model: T2FSMIL, features: Sequence[tuple[torch.Tensor, ...]], labels: np.ndarray) -> float:
+    """Validation loss of the TTA probabilities (the original and mirrored views), from precomputed features."""
     with torch.no_grad():
-        probabilities = np.asarray([0.5 * sum(float(torch.sigmoid(model.pool(view)[0])) for view in pair) for pair in features])
+        probabilities = np.asarray([0.5 * sum(float(torch.sigmoid(model.pool(view)[0])) for view in views[:2]) for views in features])
     return _bce(probabilities, labels)
 
 
 def _train_head(
     model: T2FSMIL,
-    features: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    features: Sequence[tuple[torch.Tensor, ...]],
     labels: np.ndarray,
-    validation_features: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    validation_features: Sequence[tuple[torch.Tensor, ...]],
     validation_labels: np.ndarray,
     recipe: Recipe,
     rng: np.random.Generator,
@@ -228,7 +296,8 @@ def _train_head(
     def train_epoch(epoch: int) -> dict[str, float]:
         losses = []
         for index in rng.permutation(len(features)):
-            logit, _ = model.pool(features[index][int(rng.random() < 0.5)])
+            views = features[index]
+            logit, _ = model.pool(views[int(rng.integers(len(views)))])
             losses.append(optimizer_step(optimizer, loss_function(logit.reshape(1), torch.tensor([labels[index]], dtype=torch.float32))))
         return {"loss": float(np.mean(losses))}
 
@@ -303,10 +372,11 @@ def train(
     with progress_display(progress) as bar:
         bags = _load_bags(train_cases, parameters.input_size, bar, "training studies")
         validation_bags = _load_bags(validation_cases, parameters.input_size, bar, "validation studies")
-        slice_head, warmup = _warm_up_encoder(model, bags, recipe, rng, bar)
+        transform = augmentation(recipe, seed)
+        slice_head, warmup = _warm_up_encoder(model, bags, recipe, rng, transform, bar)
         # the bag classifier starts as the slice classifier: a bag vector is a weighted mean of slice features
         model.classifier.load_state_dict(slice_head.state_dict())
-        features = _features(model, bags, bar, "training studies")
+        features = _features(model, bags, bar, "training studies", transform, recipe.head_views)
         validation_features = _features(model, validation_bags, bar, "validation studies")
         slice_auc = _slice_auc(slice_head, validation_features, validation_bags)
         head = _train_head(model, features, labels, validation_features, validation_labels, recipe, rng, loss_function, bar)
@@ -318,9 +388,7 @@ def train(
             running = 0.0
             order = rng.permutation(len(bags))
             for index in order:
-                slices = bags[index].slices.float()
-                if rng.random() < 0.5:
-                    slices = flip_horizontal(slices)
+                slices = augment(transform, bags[index].slices, per_slice=False)
                 running += optimizer_step(optimizer, loss_function(model.forward_bag(slices).logit.reshape(1), torch.tensor([labels[index]])))
             return {"train_loss": running / len(order)}
 
@@ -360,6 +428,13 @@ def train(
             "marrow edema). The encoder warm-up (in place of ImageNet pretraining) also used the phantoms' per-slice edema "
             "ground truth of the training studies; the MIL stages used study labels only. No patient data."
         ),
+        "training": {
+            "seed": seed,
+            "epochs": epochs,
+            "phases": ["encoder warm-up on slice edema labels", "MIL head on frozen features", "end to end"],
+            "augmentation": recipe.augmentation_summary(),
+            "report": TRAINING_REPORT,
+        },
         "intended_use": INTENDED_USE,
         "evaluation": {"validation": {"studies": held["studies"], "positives": held["positives"], "selected_epoch": end_to_end.selected_epoch, "threshold": THRESHOLD, **validation}},
     }
@@ -378,7 +453,7 @@ def train(
             "hyperparameters": parameters.as_dict(),
             "optimizer": "Adam",
             "loss": "BCE with logits; bag loss with the positive class weighted by negatives/positives",
-            "augmentation": "horizontal flip, p=0.5 (slices in the warm-up, bags in the MIL stages)",
+            "augmentation": recipe.augmentation_summary(),
             "batch_norm": "trained in the warm-up, frozen afterwards",
         },
         extra={

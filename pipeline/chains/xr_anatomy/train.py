@@ -56,6 +56,7 @@ from pipeline.training import (
     seed_everything,
     seed_ranges,
     split_by_patient,
+    TRAINING_REPORT,
     write_training_report,
 )
 
@@ -101,6 +102,7 @@ DEMO_PREPROCESSING: dict[str, Any] = {
     },
 }
 THRESHOLD = PUBLISHED_THRESHOLD  # the demo pack operates where the published model did
+PACK_VERSION = "2.0.0"  # 2.x: retrained on the 1.1.0 pipeline (probability resampling, Otsu trim)
 SEGMENTER_EPOCHS = 20
 CLASSIFIER_EPOCHS = 45
 VALIDATION_FRACTION = 0.15
@@ -111,6 +113,12 @@ LESION_WEIGHT = 1.0  # the auxiliary lesion-map loss (LesionProbe), relative to 
 LESION_POS_WEIGHT = 4.0  # lesions cover a few per cent of the crop
 CLASSIFIER_BATCH = 8
 MIX_FRACTION = 0.5  # share of each batch whose halves come from two studies (mix_halves)
+#: the augmentation in words, for the manifest and training.json
+AUGMENTATION = [
+    "segmenter: left-right flip p=0.5 (ilium classes swapped), contrast x (1 +- 0.1) per batch",
+    f"classifier: crop box edges moved by up to {BOX_JITTER:.0%} (half the samples), left-right flip p=0.5, "
+    f"{MIX_FRACTION:.0%} of each batch with halves from two studies (mix_halves), gamma exp(+-0.1) per sample",
+]
 
 
 OUTPUT = "radiographic_sacroiliitis"
@@ -389,7 +397,7 @@ def train(data: Path, out: Path, *, epochs: int | None = None, seed: int = 0, pr
     classifier_report = {"epochs": len(classifier_fit.history), **{k: v for k, v in classifier_fit.history[-1].items() if k.startswith("validation")}}
     manifest = {
         "name": "xr-anatomy-demo",
-        "version": "1.0.0",
+        "version": PACK_VERSION,
         "chain": "xr-anatomy",
         "demo": True,
         "architecture": {
@@ -415,6 +423,7 @@ def train(data: Path, out: Path, *, epochs: int | None = None, seed: int = 0, pr
             f"{len(train_idx)} for training and {len(val_idx)} for validation; segmentation targets from "
             "the phantom's sacrum and ilium masks, labels from the phantom's modified New York grades."
         ),
+        "training": {"seed": seed, "augmentation": AUGMENTATION, "report": TRAINING_REPORT},
         "intended_use": (
             "Demonstration and testing of the xr-anatomy chain only. Trained on synthetic phantoms: "
             "its outputs on real radiographs mean nothing. Not for diagnosis."
@@ -453,6 +462,7 @@ def train(data: Path, out: Path, *, epochs: int | None = None, seed: int = 0, pr
             "lesion_pos_weight": LESION_POS_WEIGHT,
             "mix_fraction": MIX_FRACTION,
             "optimizer": "AdamW, one-cycle learning rate; the last epoch is kept",
+            "augmentation": AUGMENTATION,
         },
         extra={"validation": validation, "preparation_seconds": round(prepared_s, 1)},
     )
