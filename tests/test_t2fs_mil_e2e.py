@@ -13,6 +13,7 @@ import highdicom as hd
 import pytest
 from pydicom import dcmread
 
+from pipeline.packs import load_pack
 from pipeline.phantom import generate_study, write_study
 from tests.node_harness import NODE_AET, Node
 from tests.peers import LOOPBACK, orthanc, run_storescu, wait_for
@@ -59,6 +60,21 @@ def _presence(sr_bytes: bytes) -> tuple[str, float]:
     return str(decision.ConceptCodeSequence[0].CodeMeaning), float(probability.value)
 
 
+def algorithm_identification(sr_bytes: bytes) -> tuple[set[str], set[str], set[str]]:
+    """TID 4019 in an SR: (algorithm names, versions, parameters) found anywhere in its content tree."""
+    found: dict[str, set[str]] = {"111001": set(), "111003": set(), "111002": set()}
+
+    def walk(items) -> None:  # noqa: ANN001 (a pydicom Sequence)
+        for item in items:
+            code = item.ConceptNameCodeSequence[0].CodeValue if "ConceptNameCodeSequence" in item else None
+            if code in found and "TextValue" in item:
+                found[code].add(str(item.TextValue))
+            walk(item.get("ContentSequence", []))
+
+    walk(dcmread(io.BytesIO(sr_bytes)).ContentSequence)
+    return found["111001"], found["111003"], found["111002"]
+
+
 @pytest.mark.slow
 def test_phantoms_sent_with_storescu_come_back_to_orthanc_as_sr_and_heatmaps(tmp_path: Path) -> None:
     studies = {
@@ -89,7 +105,13 @@ def test_phantoms_sent_with_storescu_come_back_to_orthanc_as_sr_and_heatmaps(tmp
                 assert len(found[COMPREHENSIVE_3D_SR]) == 1
                 assert len(found[SECONDARY_CAPTURE]) == 3  # Grad-CAM heatmaps of the three most attended slices
                 assert set(found) == {COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE}
-                presence[name] = _presence(pacs.instance_file(found[COMPREHENSIVE_3D_SR][0]))
+                sr_bytes = pacs.instance_file(found[COMPREHENSIVE_3D_SR][0])
+                presence[name] = _presence(sr_bytes)
+                # the SR names the pack that made it: the manifest's name, version and weights
+                manifest = load_pack(T2FS_MIL_CHAIN["pack"]).manifest
+                names, versions, parameters = algorithm_identification(sr_bytes)
+                assert (names, versions) == ({manifest.name}, {manifest.version})
+                assert f"weights sha256={manifest.weights.sha256}" in parameters
                 heatmap = pacs.instance_tags(found[SECONDARY_CAPTURE][0])
                 assert heatmap["StudyInstanceUID"] == studies[name].study_uid
             assert presence["edema"][0] == "Present", presence

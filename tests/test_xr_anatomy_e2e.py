@@ -12,6 +12,7 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
 
+from pipeline.packs import load_pack
 from pipeline.phantom import generate_study, write_study
 from storage.models import Delivery, Job
 from tests.node_harness import NODE_AET, REPO, Node
@@ -81,6 +82,8 @@ def test_phantom_radiograph_comes_back_as_sr_and_heatmaps_in_orthanc(tmp_path: P
     texts = _content_texts(sr)
     assert "Radiographic sacroiliitis (modified New York criteria)" in texts
     assert "Bilateral" not in texts  # a patient-level finding has no side
+    manifest = load_pack(XR_CHAIN["pack"]).manifest  # the SR names the pack that made it (TID 4019)
+    assert {manifest.name, manifest.version, f"weights sha256={manifest.weights.sha256}"} <= set(texts)
     for heatmap in (ds for ds in received.values() if str(ds.SOPClassUID) == SC_CLASS):
         assert heatmap.Rows > source.Rows and heatmap.Columns == source.Columns  # the text band below
         assert str(heatmap.SourceImageSequence[0].ReferencedSOPInstanceUID) == str(source.SOPInstanceUID)
