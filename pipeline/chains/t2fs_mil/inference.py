@@ -89,10 +89,15 @@ class GradCAMExplainer:
 
 
 def to_source_grid(values: np.ndarray, rows: int, columns: int) -> np.ndarray:
-    """A map on the square model grid, resized (bilinear) onto a source slice's rows × columns, in [0, 1]."""
+    """A map on the square model grid, resized (bilinear) onto a source slice's rows × columns, in
+    [0, 1], with its peak kept: the source grid's pixels fall between the model grid's, where
+    bilinear sampling lowers a sharp peak, and an evidence map's peak must stay the probability."""
     tensor = torch.as_tensor(values, dtype=torch.float32)[None, None]
-    resized = F.interpolate(tensor, size=(rows, columns), mode="bilinear", align_corners=False)[0, 0]
-    return resized.clamp(0, 1).numpy().astype(np.float32)
+    resized = F.interpolate(tensor, size=(rows, columns), mode="bilinear", align_corners=False)[0, 0].clamp(0, 1)
+    peak, resized_peak = float(tensor.clamp(0, 1).max()), float(resized.max())
+    if resized_peak > 0:
+        resized = (resized * (peak / resized_peak)).clamp(0, 1)
+    return resized.numpy().astype(np.float32)
 
 
 def check_manifest(pack: ModelPack) -> Hyperparameters:
