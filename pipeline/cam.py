@@ -18,6 +18,17 @@ def normalize_cam(raw: torch.Tensor) -> torch.Tensor:
     return torch.where(peak > 0, raw / peak.clamp_min(1e-12), torch.zeros_like(raw))
 
 
+def with_peak(values: np.ndarray, peak: float) -> np.ndarray:
+    """A map resampled from a coarser or shifted grid, in [0, 1], rescaled so that its maximum is
+    ``peak`` again: the new grid's pixels fall between the old grid's, where interpolation lowers
+    a sharp peak, and an evidence map's peak must stay the finding's probability (:func:`evidence_map`)."""
+    values = np.clip(np.asarray(values, dtype=np.float32), 0.0, 1.0)
+    top = float(values.max()) if values.size else 0.0
+    if top <= 0.0:
+        return values
+    return np.clip(values * np.float32(min(max(peak, 0.0), 1.0) / top), 0.0, 1.0).astype(np.float32)
+
+
 def evidence_map(cam: np.ndarray, probability: float) -> np.ndarray:
     """A chain's evidence map on the scale every heatmap shares: ``cam`` (normalised to its own
     peak, in [0, 1]) times the probability of the finding it explains.

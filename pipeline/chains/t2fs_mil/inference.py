@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.cam import normalize_cam
+from pipeline.cam import normalize_cam, with_peak
 from pipeline.chains.base import inference_context
 from pipeline.chains.t2fs_mil.model import (
     T2FSMIL,
@@ -93,11 +93,8 @@ def to_source_grid(values: np.ndarray, rows: int, columns: int) -> np.ndarray:
     [0, 1], with its peak kept: the source grid's pixels fall between the model grid's, where
     bilinear sampling lowers a sharp peak, and an evidence map's peak must stay the probability."""
     tensor = torch.as_tensor(values, dtype=torch.float32)[None, None]
-    resized = F.interpolate(tensor, size=(rows, columns), mode="bilinear", align_corners=False)[0, 0].clamp(0, 1)
-    peak, resized_peak = float(tensor.clamp(0, 1).max()), float(resized.max())
-    if resized_peak > 0:
-        resized = (resized * (peak / resized_peak)).clamp(0, 1)
-    return resized.numpy().astype(np.float32)
+    resized = F.interpolate(tensor, size=(rows, columns), mode="bilinear", align_corners=False)[0, 0]
+    return with_peak(resized.numpy(), float(tensor.clamp(0, 1).max()))
 
 
 def check_manifest(pack: ModelPack) -> Hyperparameters:

@@ -17,7 +17,7 @@ from monai.transforms import AsDiscrete, Compose, KeepLargestConnectedComponent
 from monai.visualize import GradCAM
 from pydicom import Dataset
 
-from pipeline.cam import normalize_cam
+from pipeline.cam import normalize_cam, with_peak
 from pipeline.chains.base import inference_context
 
 from .data import LEFT_ILIUM, RIGHT_ILIUM, SACRUM
@@ -181,10 +181,11 @@ class AnatomyAwareModel:
             return int(self.networks.classifier(plain(x)[None].to(self.device)).argmax(dim=1)[0])
 
     def gradcam(self, x: torch.Tensor, crop: JointCrop, shape: tuple[int, int]) -> np.ndarray:
-        """Grad-CAM drawn back onto the whole radiograph (zero outside the crop box)."""
-        on_crop = map_to_crop(self.gradcam_on_input(x), x, self.classification)  # type: ignore[arg-type]
+        """Grad-CAM drawn back onto the whole radiograph (zero outside the crop box), its peak kept."""
+        on_input = self.gradcam_on_input(x)
+        on_crop = map_to_crop(on_input, x, self.classification)  # type: ignore[arg-type]
         full = np.zeros(shape, dtype=np.float32)
-        full[crop.box.slices] = np.clip(on_crop, 0.0, 1.0)
+        full[crop.box.slices] = with_peak(on_crop, float(on_input.clamp(0, 1).max()))
         return full
 
     # -- the whole pipeline ----------------------------------------------------------------------
