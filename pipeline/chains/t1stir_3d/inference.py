@@ -222,12 +222,16 @@ def slice_points(dataset: Dataset) -> np.ndarray:
     return position + rows + columns
 
 
+def classifier_voxels(grid_index: np.ndarray, settings: Mapping[str, Any], shape: Sequence[int]) -> np.ndarray:
+    """Continuous grid indices ``(..., 3)`` as indices into a classifier input of ``shape`` (the crop, then the resize's voxel centres)."""
+    start, extent = classifier_field(settings)
+    scale = np.asarray(shape, dtype=float) / np.asarray(extent, dtype=float)
+    return (np.asarray(grid_index, dtype=float) - np.asarray(start, dtype=float) + 0.5) * scale - 0.5  # resize: align_corners=False
+
+
 def on_source_slice(cam: np.ndarray, grid: SemicoronalGrid, dataset: Dataset, settings: Mapping[str, Any]) -> np.ndarray:
     """A map on the classifier input (a resize of the grid, or of its :func:`classifier_field`) sampled (trilinear) on one source slice's pixels, in [0, 1]."""
-    start, extent = classifier_field({**settings, "grid_size": list(grid.size)})
-    index = grid.voxel_of(slice_points(dataset)) - np.asarray(start, dtype=float)  # (slice, row, column) in the field
-    scale = np.asarray(cam.shape, dtype=float) / np.asarray(extent, dtype=float)
-    index = (index + 0.5) * scale - 0.5  # the resize's (align_corners=False) voxel centres
+    index = classifier_voxels(grid.voxel_of(slice_points(dataset)), {**settings, "grid_size": list(grid.size)}, cam.shape)
     values = ndimage.map_coordinates(cam, np.moveaxis(index, -1, 0), order=1, mode="constant", cval=0.0)
     return np.clip(values, 0.0, 1.0).astype(np.float32)
 
