@@ -250,20 +250,6 @@ def test_a_pack_without_denoisers_feeds_the_grid_volumes_to_the_classifiers(tmp_
         load_networks(pack, extra)
 
 
-def test_jointly_trained_classifier_splits_into_task_models_with_its_logits() -> None:
-    from pipeline.chains.t1stir_3d.train import task_model
-
-    torch.manual_seed(1)
-    joint = build_classifier({**TINY_CLASSIFIER, "classes": 2 * len(TASKS)}).eval()
-    x = torch.randn(3, 2, 8, 40, 40)
-    with torch.no_grad():
-        logits = joint(x)
-        for index in range(len(TASKS)):
-            model = task_model(joint, index, TINY_CLASSIFIER)
-            assert set(model.state_dict()) == set(build_classifier(TINY_CLASSIFIER).state_dict())
-            assert torch.allclose(model(x), logits[:, 2 * index : 2 * index + 2], atol=1e-6)
-
-
 def _fastai_files(folder: Path, classifier: dict, denoiser: dict, seed: int = 3) -> tuple[dict, dict, dict]:
     """fastai SaveModelCallback files ({'model': state_dict, 'opt': ...}) of networks built from the module tree."""
     torch.manual_seed(seed)
@@ -399,21 +385,3 @@ def test_routing_gives_the_chain_a_study_without_stir_so_it_can_say_why() -> Non
     plan = plan_routing([stir], [spec])
     assert not plan.jobs and "needs t1" in plan.lines[0]
 
-
-def test_lesion_patches_are_labelled_by_the_lesion_types_they_hold() -> None:
-    from pipeline.chains.t1stir_3d.train import Recipe, _patch_batch
-
-    inputs = torch.zeros(2, 2, 4, 32, 32)
-    inputs[0, 1, 2, 10, 12] = 1.0  # the edema's centre, marked on the STIR channel
-    inputs[1, 0, 1, 25, 25] = 1.0  # the sclerosis' centre
-    lesions = [[("edema", np.asarray([2.0, 10.0, 12.0]))], [("sclerosis", np.asarray([1.0, 25.0, 25.0]))]]
-    recipe = Recipe(patch_size=12, patch_batch=64)
-    patches, labels = _patch_batch(inputs, lesions, recipe, np.random.default_rng(0))
-    assert patches.shape == (64, 2, 4, 12, 12) and labels.shape == (64, len(TASKS))
-    active, asas, structural = labels.T
-    assert torch.equal(active, asas)  # both activity outputs count edema
-    edema_in = patches[:, 1].flatten(1).amax(1) > 0
-    sclerosis_in = patches[:, 0].flatten(1).amax(1) > 0
-    assert active.sum() > 0 and structural.sum() > 0 and (labels.sum(1) == 0).any()
-    assert bool((edema_in[active == 1]).all()) and bool((sclerosis_in[structural == 1]).all())
-    assert not bool((active & structural).any())  # no patch holds both here

@@ -45,7 +45,6 @@ class Case:
     subgroups: tuple[str, ...]
     generator_version: str
     series_folders: dict[str, Path]  # "T1", "STIR"
-    lesions: tuple[tuple[str, tuple[float, float, float]], ...] = ()  # (type, centre in LPS mm) from the ground truth
 
     def datasets(self, sequence: str) -> list[Dataset]:
         files = sorted(self.series_folders[sequence].glob("*.dcm"))
@@ -92,7 +91,6 @@ def read_case(folder: Path) -> Case:
         subgroups=phantom_subgroups(truth),
         generator_version=str(truth["generator_version"]),
         series_folders=series,
-        lesions=tuple((str(lesion["type"]), tuple(float(v) for v in lesion["center_lps_mm"])) for lesion in truth.get("lesions", []) if "center_lps_mm" in lesion),
     )
 
 
