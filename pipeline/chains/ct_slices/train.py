@@ -94,18 +94,24 @@ DEMO_PREPROCESSING: dict[str, Any] = {**PUBLISHED_PREPROCESSING, "crop_mm": 160.
 
 #: how the demonstration networks differ from the published ones (for the manifest's architecture name)
 _DEMO_NETWORK_NAMES = {
-    RESNEXT: "ResNeXt 32x4d layout at quarter width, one block per stage, 8 groups of 8, on 128 x 90 px "
+    RESNEXT: "ResNeXt 32x4d layout at quarter width, one block per stage, 8 groups of 8, on {shape} "
     "(published ResNeXt-50 32x4d, blocks 3/4/6/3, on 224 px)",
-    INCEPTION: "Inception-v4 at quarter width with one Inception-A/B/C each on 139 x 97 px (published 4/7/3 on 299 px)",
+    INCEPTION: "Inception-v4 at quarter width with one Inception-A/B/C each on {shape} (published 4/7/3 on 299 px)",
 }
 
 
-def architecture_name(hyperparameters: Mapping[str, Any]) -> str:
-    """The manifest's architecture name for the demonstration networks that ``model`` selects."""
+def architecture_name(hyperparameters: Mapping[str, Any], preprocessing: Mapping[str, Any] = DEMO_PREPROCESSING) -> str:
+    """The manifest's architecture name for the demonstration networks that ``model`` selects, with their input sizes."""
+    settings = Settings.from_manifest(preprocessing)
+
+    def named(name: str) -> str:
+        rows, columns = settings.input_shape(int(hyperparameters["networks"][name]["input_size"]))
+        return _DEMO_NETWORK_NAMES[name].format(shape=f"{columns} x {rows} px")
+
     selection = hyperparameters["model"]
     if selection == "average":
-        return f"Fu et al. 2024 networks at demonstration size, averaged: {_DEMO_NETWORK_NAMES[RESNEXT]} and {_DEMO_NETWORK_NAMES[INCEPTION]}"
-    return f"Fu et al. 2024 {selection} alone at demonstration size: {_DEMO_NETWORK_NAMES[selection]}"
+        return f"Fu et al. 2024 networks at demonstration size, averaged: {named(RESNEXT)} and {named(INCEPTION)}"
+    return f"Fu et al. 2024 {selection} alone at demonstration size: {named(selection)}"
 
 
 INTENDED_USE = (
@@ -335,7 +341,7 @@ def train(
         "chain": CHAIN,
         "demo": True,
         "architecture": {
-            "name": architecture_name(hyper),
+            "name": architecture_name(hyper, preprocessing),
             "hyperparameters": hyper,
         },
         "preprocessing": preprocessing,
