@@ -5,6 +5,7 @@ slice → study rule."""
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -392,6 +393,8 @@ def test_heatmap_background_is_the_bone_window_whatever_window_the_series_carrie
     result = chain.run(_inputs(_write_series(soft, tmp_path / "ct")))
     (heat,) = result.maps
     assert heat.display_window == (400.0, 1800.0) and "bone window C 400 / W 1800 HU" in (heat.caption or "")
+    with pytest.raises(ValueError, match="display_window"):
+        replace(heat, display_window=(400.0, 0.0))
     sc = next(ds for ds in encode_result(result) if ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7")
     source = next(ds for ds in soft if ds.SOPInstanceUID == heat.source.sop_instance_uid)
     hu = source.pixel_array * float(source.RescaleSlope) + float(source.RescaleIntercept)
