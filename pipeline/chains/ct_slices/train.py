@@ -6,12 +6,12 @@ shared harness (:mod:`pipeline.training`, :mod:`pipeline.evaluation`).
 Data: every phantom study in ``--data`` (``sijnode phantom --kinds ct`` or
 :func:`.data.write_demo_phantoms`), split patient-wise and stratified into training and
 validation. Each study goes through the chain's own preprocessing (:func:`.preprocess.read_volume`:
-the joint slices, at most ``max_slices``, the crop, the bone window), so the networks learn on what
-the node will feed them. Slice labels come from the phantom's ground truth (:mod:`.data`).
-
-Training slices: every joint slice a positive lesion covers (not only the evenly spaced ones
-the node analyses: more positive examples), and per study ``negatives_per_study`` of its other
-joint slices at random; slices a lesion only grazes are left out (:mod:`.data`).
+the joint slices, the crop, the bone window), so the networks learn on what the node will feed
+them. Slice labels come from the phantom's lesion masks (:mod:`.data`). Validation studies are
+scored on the slices the node analyses (at most ``max_slices``, evenly spaced); training uses
+every joint slice a positive lesion covers (more positive examples than the evenly spaced ones)
+and per study ``negatives_per_study`` of its other joint slices at random; slices a lesion only
+grazes are left out.
 
 Each selected network is trained on its own (the paper trained them separately), from scratch
 (no ImageNet weights can be downloaded here), on slice batches with cross-entropy weighted by the
@@ -26,7 +26,8 @@ of the bone window, which the paper's photographic brightness/contrast jitter (a
 the normalised range, ±60 HU) would wash out. After each epoch the study probability of every
 validation study is computed by the chain's slice → study rule; the epoch with the lowest
 study-level validation loss is kept; then the rule's ``top_k`` is chosen among
-``Recipe.aggregation_choices`` by the same validation loss (written to the manifest). Training runs on one thread (``torch.set_num_threads(1)``): the demo
+``Recipe.aggregation_choices`` by the same validation loss (written to the manifest).
+Training runs on one thread (``torch.set_num_threads(1)``): the demo
 pack is built on a shared machine, where one thread was measured an order of magnitude faster
 per image than two.
 """
