@@ -73,7 +73,11 @@ class ReceiverConfig(_Strict):
     # Optional source-address allowlist (IP addresses or CIDR networks); empty = any. An entry
     # that is neither is an error (a typo must not open the node to every address).
     allowed_source_addresses: list[str] = []
-    max_pdu_bytes: Annotated[int, Field(ge=0)] = 262144
+    # The largest P-DATA PDU the node accepts, told to each peer in the A-ASSOCIATE-AC; a peer sends
+    # PDUs up to this or its own send limit, whichever is smaller (dcmtk and Orthanc: 128 KiB). 0:
+    # unlimited (up to limits.max_dataset_bytes). Bounded because a PDU is held whole in memory
+    # (about three copies while it is decoded) and must arrive within limits.pdu_timeout_s.
+    max_pdu_bytes: Annotated[int, Field(ge=0)] = 4 << 20
     # Receiver processes sharing the port (SO_REUSEPORT), the database and the spool: one Python
     # process is bound by its GIL. "auto": one per CPU.
     processes: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
