@@ -182,6 +182,10 @@ class WorkerConfig(_Strict):
     # fp32: the exact published computation. bf16: an optional faster mode on CPUs with AMX or
     # AVX512-BF16 (and on GPUs); its measured deviation is in bench/README.md.
     precision: Literal["fp32", "bf16"] = "fp32"
+    # How the networks' forward passes run, all fp32 (pipeline.chains.base.PreparedNetwork):
+    # eager (the reference), torchscript, onednn, channels_last, compile, onnxruntime (extra
+    # "onnx"). Speed and deviation per runtime: bench/README.md (bench/xr_anatomy --runtimes).
+    runtime: Literal["eager", "torchscript", "onednn", "channels_last", "compile", "onnxruntime"] = "eager"
 
     def worker_count(self, enabled_chains: int) -> int:
         """How many worker processes the service starts."""

@@ -18,7 +18,7 @@ from monai.visualize import GradCAM
 from pydicom import Dataset
 
 from pipeline.cam import normalize_cam
-from pipeline.chains.base import inference_context
+from pipeline.chains.base import PreparedNetwork, inference_context
 
 from .data import LEFT_ILIUM, RIGHT_ILIUM, SACRUM
 from .joints import JointCrop, ilium_classes, joint_regions, trimmed
@@ -100,6 +100,9 @@ class AnatomyAwareModel:
     ) -> None:
         self.networks = networks.to(device).eval()
         self.device = device
+        # forward passes in the worker's runtime; Grad-CAM keeps the eager classifier (gradients)
+        self.segmenter = PreparedNetwork(self.networks.segmenter)
+        self.classifier = PreparedNetwork(self.networks.classifier)
         self.segmentation = SegmentationSettings.from_manifest(preprocessing)
         self.classification = ClassificationSettings.from_manifest(preprocessing)
         self.dilation_fraction = float(preprocessing.get("joint_region", {}).get("dilation_fraction", 0.05))
@@ -129,7 +132,7 @@ class AnatomyAwareModel:
         layout ((columns, rows) where ``transpose`` is set)."""
         image = segmenter_input(gray, self.segmentation).to(self.device)
         with inference_context():
-            return plain(self.inferer(image, self.networks.segmenter)).float().cpu()
+            return plain(self.inferer(image, self.segmenter)).float().cpu()
 
     def _to_radiograph(self, labels: np.ndarray) -> np.ndarray:
         """A class map in the network's layout → the radiograph's (rows, columns)."""
@@ -158,7 +161,7 @@ class AnatomyAwareModel:
         """P(radiographic sacroiliitis) for a crop, and the classifier's input (for Grad-CAM)."""
         x = classifier_input(crop_image, self.classification)
         with inference_context():
-            logits = self.networks.classifier(plain(x)[None].to(self.device))
+            logits = self.classifier(plain(x)[None].to(self.device))
         probability = float(torch.softmax(logits.float(), dim=1)[0, POSITIVE_CLASS])
         return probability, x
 
