@@ -63,3 +63,30 @@ def test_each_runtime_computes_what_eager_computes(name: str) -> None:
     assert torch.equal(again, got)
     with pytest.raises(ValueError, match="runtime must be one of"):
         base.set_runtime("tensorrt")
+
+
+def test_the_lighter_grad_cam_draws_the_same_map_as_a_full_backward_pass() -> None:
+    """xr-anatomy's Grad-CAM stops its backward pass at the target block (backward_from); MONAI's
+    GradCAM over the whole network (every parameter requiring gradients) draws the same map."""
+    import copy
+
+    from monai.visualize import GradCAM
+
+    from pipeline.cam import normalize_cam
+    from pipeline.chains.xr_anatomy.inference import POSITIVE_CLASS, EigenGradCAM, last_block
+    from pipeline.chains.xr_anatomy.preprocess import radiograph_gray
+
+    model = golden_test._model()
+    full_network = copy.deepcopy(model.networks.classifier)
+    gray = radiograph_gray(dcmread(golden_test.INPUT))
+    _, x = model.classify(gray[: gray.shape[0] // 2, : gray.shape[1] // 2])
+    lighter = model.gradcam_on_input(x)
+    assert not model.networks.classifier.conv1.weight.requires_grad  # the trunk records no gradients
+    assert all(p.requires_grad for p in full_network.parameters())
+    kind = EigenGradCAM if model.eigen_smooth else GradCAM
+    full = kind(nn_module=full_network, target_layers=last_block(full_network), postprocessing=normalize_cam)
+    target = POSITIVE_CLASS if model.gradcam_class == "positive" else model.predicted_class(x)
+    with torch.enable_grad():
+        reference = full(x[None], class_idx=target)[0, 0]
+    assert float(lighter.abs().max()) > 0
+    assert float((lighter - reference).abs().max()) <= 1e-6
