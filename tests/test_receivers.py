@@ -44,19 +44,19 @@ def test_associations_spread_over_receiver_processes_and_a_second_service_is_ref
 
 
 def test_the_peer_sends_pdus_as_large_as_it_allows_and_the_node_stores_them(tmp_path: Path) -> None:
-    """The node announces ``receiver.max_pdu_bytes`` (default 4 MiB) in its A-ASSOCIATE-AC: dcmtk's
-    storescu, proposing its largest --max-pdu, sees that value and sends its largest PDUs; a
-    pynetdicom SCU, which has no send limit of its own, sends a 2 MiB image in one PDU. Both
-    images arrive whole."""
+    """The node announces ``receiver.max_pdu_bytes`` in its A-ASSOCIATE-AC: dcmtk's storescu,
+    proposing its largest --max-pdu, sees that value; a pynetdicom SCU, which has no send limit
+    of its own, sends PDUs as large as the node allows (larger than dcmtk's 128 KiB), here
+    configured to 4 MiB: a 2 MiB image in one PDU. Both images arrive whole."""
     from pynetdicom import AE, evt
     from pynetdicom.sop_class import MRImageStorage
 
     from node.config import ReceiverConfig
 
-    announced = ReceiverConfig().max_pdu_bytes
-    assert announced > 262144  # the old fixed value
+    assert ReceiverConfig().max_pdu_bytes == 262144
+    announced = 4 << 20
     files = make_mr_series(tmp_path / "study", 2, size=1024)  # 2 MiB of pixel data each
-    with Node(tmp_path / "node", {"workers": {"processes": 0}}) as node:
+    with Node(tmp_path / "node", {"receiver": {"max_pdu_bytes": announced}, "workers": {"processes": 0}}) as node:
         sent = run_storescu(files[:1], node.port, NODE_AET, extra_args=["-d", "--max-pdu", "131072"])
         assert sent.returncode == 0, sent.stderr
         output = sent.stdout + sent.stderr
