@@ -391,6 +391,16 @@ def cmd_studies(args: argparse.Namespace, config: Config, out: Output) -> int:
     return EXIT_OK
 
 
+def _is_summary_card(path: Path) -> bool:
+    """Whether a Secondary Capture the node made is a study's results card, not a heatmap."""
+    from pydicom import dcmread
+
+    try:
+        return "summary" in str(dcmread(path, stop_before_pixels=True, specific_tags=["SeriesDescription"]).get("SeriesDescription", ""))
+    except Exception:  # a missing or unreadable file keeps the kind its SOP class gives
+        return False
+
+
 def _study_results(config: Config, store: Store, detail: dict[str, Any]) -> dict[str, Any]:
     """Findings per job of the study's current version (read from its SRs) and each output's deliveries."""
     from pipeline.report_reader import read_report
@@ -398,19 +408,15 @@ def _study_results(config: Config, store: Store, detail: dict[str, Any]) -> dict
 
     study = detail["study"]
     spool = Spool(config.storage.data_dir)
-    outputs_of: dict[int, list[Any]] = {}
+    outputs_of: dict[int | None, list[Any]] = {}
     for output in detail["outputs"]:
         outputs_of.setdefault(output.job_id, []).append(output)
     deliveries_of: dict[str, list[Any]] = {}
     for delivery in detail["deliveries"]:
         deliveries_of.setdefault(delivery.output_uid, []).append(delivery)
-    chains = []
-    # Each chain's newest job: a chain whose inputs did not change keeps its last result.
-    newest = {job.chain: job for job in sorted(detail["jobs"], key=lambda job: job.id)}
-    for job in newest.values():
-        entry: dict[str, Any] = {"job": job.id, "chain": job.chain, "state": job.state, "attempts": job.attempts,
-                                 "finished_at": job.finished_at, "error": job.error, "findings": [], "demonstration": None, "outputs": []}
-        for output in outputs_of.get(job.id, []):
+
+    def add_outputs(entry: dict[str, Any], outputs: list[Any]) -> None:
+        for output in outputs:
             kind = OUTPUT_KINDS.get(output.sop_class_uid, output.sop_class_uid)
             if kind == "SR":
                 try:
@@ -422,6 +428,8 @@ def _study_results(config: Config, store: Store, detail: dict[str, Any]) -> dict
                         entry["demonstration"] = report.demonstration
                 except Exception as error:  # a missing or unreadable file is shown, not fatal
                     entry["error"] = f"cannot read the SR {output.path}: {type(error).__name__}: {error}"
+            elif kind == "heatmap" and _is_summary_card(spool.absolute(output.path)):
+                kind = "summary card"
             entry["outputs"].append({
                 "sop_instance_uid": output.sop_instance_uid,
                 "kind": kind,
@@ -433,6 +441,19 @@ def _study_results(config: Config, store: Store, detail: dict[str, Any]) -> dict
                     for d in deliveries_of.get(output.sop_instance_uid, [])
                 ],
             })
+
+    chains = []
+    # Each chain's newest job: a chain whose inputs did not change keeps its last result.
+    newest = {job.chain: job for job in sorted(detail["jobs"], key=lambda job: job.id)}
+    for job in newest.values():
+        entry: dict[str, Any] = {"job": job.id, "chain": job.chain, "state": job.state, "attempts": job.attempts,
+                                 "finished_at": job.finished_at, "error": job.error, "findings": [], "demonstration": None, "outputs": []}
+        add_outputs(entry, outputs_of.get(job.id, []))
+        chains.append(entry)
+    if outputs_of.get(None):  # the summary of a study no chain ran on belongs to no job
+        entry = {"job": None, "chain": "study summary", "state": "done", "attempts": 0, "finished_at": outputs_of[None][-1].created_at,
+                 "error": None, "findings": [], "demonstration": None, "outputs": []}
+        add_outputs(entry, outputs_of[None])
         chains.append(entry)
     return {"study_uid": study.study_uid, "state": study.state, "version": study.version, "routing": study.routing_note, "chains": chains}
 
@@ -444,7 +465,8 @@ def _print_results(out: Output, results: dict[str, Any], short: dict[str, str]) 
     for chain in results["chains"]:
         finished = f", {_ago(chain['finished_at'])}" if chain["finished_at"] else ""
         demo = "; DEMONSTRATION pack: not for diagnosis" if chain["demonstration"] else ""
-        out.line(f"{chain['chain']}: job {chain['job']} {chain['state']}{finished}{demo}", "bold")
+        job = f"job {chain['job']} {chain['state']}" if chain["job"] is not None else f"no chain ran ({results['routing']})"
+        out.line(f"{chain['chain']}: {job}{finished}{demo}", "bold")
         if chain["state"] != "done":
             waiting = {"pending": "waiting for a worker", "running": f"running now (attempt {chain['attempts']})"}.get(chain["state"], "")
             out.line(f"  {chain['error'] or waiting}" if chain["state"] == "failed" else f"  {waiting}" + (f"; last error: {chain['error']}" if chain["error"] else ""))
@@ -807,7 +829,7 @@ def cmd_packs_import_t1stir_3d(args: argparse.Namespace, config: Config | None, 
 def cmd_train(args: argparse.Namespace, config: Config | None, out: Output) -> int:
     from pipeline.training import train_chain
 
-    pack = train_chain(args.chain, Path(args.data), Path(args.out), epochs=args.epochs, seed=args.seed, progress=not out.json)
+    pack = train_chain(args.chain, Path(args.data), Path(args.out), epochs=args.epochs, seed=args.seed, progress=not out.json, cache=Path(args.cache) if args.cache else None)
     manifest = pack.manifest
     if out.json:
         _print_json({"pack": str(pack.folder), "name": manifest.name, "version": manifest.version, "evaluation": manifest.evaluation})
@@ -828,7 +850,7 @@ def cmd_evaluate(args: argparse.Namespace, config: Config | None, out: Output) -
                 out.line(problem)
             out.line("committed evaluation reproduced" if not problems else f"{len(problems)} differences from the committed evaluation")
         return EXIT_NOT_FOUND if problems else EXIT_OK
-    report = evaluate_pack(Path(args.pack), Path(args.data), Path(args.out) if args.out else None)
+    report = evaluate_pack(Path(args.pack), Path(args.data), Path(args.out) if args.out else None, cache=Path(args.cache) if args.cache else None)
     if out.json:
         _print_json(report)
         return EXIT_OK
@@ -978,10 +1000,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="pack folder to write")
     train.add_argument("--epochs", type=int, default=None)
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--cache", default=None, help="folder for preprocessed studies, reused by later runs (chains that support it: t1stir-3d)")
     evaluate = add("evaluate", cmd_evaluate, "evaluate a model pack on held-out phantom studies")
     evaluate.add_argument("pack")
     evaluate.add_argument("--data", required=True)
     evaluate.add_argument("--out", default=None, help="report folder (default: the pack folder)")
+    evaluate.add_argument("--cache", default=None, help="folder of preprocessed studies, as for train")
     evaluate.add_argument("--check", action="store_true", help="regenerate on --data (all or some held-out studies) and compare with the pack's committed evaluation.json")
     phantom = add("phantom", cmd_phantom, "write synthetic sacroiliac-joint studies with ground truth")
     phantom.add_argument("--out", required=True)
