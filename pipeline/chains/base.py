@@ -128,6 +128,8 @@ def _onnx_session(module: Any, example: Any) -> Any:
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.inter_op_num_threads = 1
+    # no arena: it keeps the peak of every window's buffers reserved (+0.4 GB on a radiograph, bench/README.md)
+    options.enable_cpu_mem_arena = False
     session = onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
 
     def run(x: Any) -> Any:

@@ -179,17 +179,21 @@ class AnatomyAwareModel:
         probability = float(torch.softmax(logits.float(), dim=1)[0, POSITIVE_CLASS])
         return probability, x
 
-    def gradcam_on_input(self, x: torch.Tensor) -> torch.Tensor:
+    def gradcam_on_input(self, x: torch.Tensor, predicted: int | None = None) -> torch.Tensor:
         """Grad-CAM at ``layer4[-1]``, upsampled to the input, in [0, 1] (H, W): of the predicted
         class (the app) or of the positive class, as the pack's ``gradcam.target`` says; the
-        app's eigen-smoothing where ``gradcam.eigen_smooth`` asks for it."""
+        app's eigen-smoothing where ``gradcam.eigen_smooth`` asks for it. ``predicted``: the
+        class classification already found (saves a forward pass), else computed here."""
         if self._gradcam is None:
             kind = EigenGradCAM if self.eigen_smooth else GradCAM
             target = last_block(self.networks.classifier)
             backward_from(self.networks.classifier, target)
             self._gradcam = kind(nn_module=self.networks.classifier, target_layers=target, postprocessing=normalize_cam)
         batch = plain(x)[None].to(self.device)
-        target = POSITIVE_CLASS if self.gradcam_class == "positive" else self.predicted_class(x)
+        if self.gradcam_class == "positive":
+            target = POSITIVE_CLASS
+        else:
+            target = predicted if predicted is not None else self.predicted_class(x)
         with torch.enable_grad(), warnings.catch_warnings():
             # expected: the backward pass starts at the block (backward_from), not at the input
             warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs")
@@ -201,9 +205,9 @@ class AnatomyAwareModel:
         with torch.no_grad():
             return int(self.networks.classifier(plain(x)[None].to(self.device)).argmax(dim=1)[0])
 
-    def gradcam(self, x: torch.Tensor, crop: JointCrop, shape: tuple[int, int]) -> np.ndarray:
+    def gradcam(self, x: torch.Tensor, crop: JointCrop, shape: tuple[int, int], predicted: int | None = None) -> np.ndarray:
         """Grad-CAM drawn back onto the whole radiograph (zero outside the crop box), its peak kept."""
-        on_input = self.gradcam_on_input(x)
+        on_input = self.gradcam_on_input(x, predicted)
         on_crop = map_to_crop(on_input, x, self.classification)  # type: ignore[arg-type]
         full = np.zeros(shape, dtype=np.float32)
         full[crop.box.slices] = with_peak(on_crop, float(on_input.clamp(0, 1).max()))
@@ -226,9 +230,10 @@ class AnatomyAwareModel:
         cam = None
         if with_gradcam:
             with timed("grad-cam"):
-                cam = self.gradcam(x, crop, gray.shape)
+                # the argmax of two softmax classes: class 1 exactly when p > 0.5
+                cam = self.gradcam(x, crop, gray.shape, predicted=int(probability > 0.5))
         notes: dict[str, Any] = {"ilium_classes_swapped": classes != {"left": LEFT_ILIUM, "right": RIGHT_ILIUM}}
         if with_gradcam:
             notes["gradcam_layer"] = last_block(self.networks.classifier)
-            notes["gradcam_class"] = POSITIVE_CLASS if self.gradcam_class == "positive" else int(probability >= 0.5)
+            notes["gradcam_class"] = POSITIVE_CLASS if self.gradcam_class == "positive" else int(probability > 0.5)
         return Analysis(probability, labels, classes, crop, left_on_right, cam, notes)
