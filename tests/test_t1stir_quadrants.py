@@ -560,3 +560,99 @@ def test_classifier_learns_a_phantom_joint_through_the_annotator_tree(quadrant_s
         consensus = annotators(torch.sigmoid(classifier(crops["T1"], crops["STIR"])))[INFERENCE_NODE][0]
     edema = GRADED_OUTPUTS.index("edema_upper_ilium")
     assert consensus[edema] > 0.5 and consensus.argmax() == edema  # the one lesion of this joint
+
+
+# ---------------------------------------------------------------- the chain, the trainer and the evaluation
+
+DEMO_PACK = __import__("pathlib").Path(__file__).resolve().parent.parent / "packs" / "t1stir-quadrants-demo"
+needs_demo_pack = pytest.mark.skipif(not (DEMO_PACK / "manifest.yaml").is_file(), reason="packs/t1stir-quadrants-demo is not committed yet")
+
+
+def _series_inputs(study, folder):  # noqa: ANN001, ANN202
+    from pipeline.chains import SeriesInput
+    from pipeline.phantom import write_study
+
+    written = write_study(study, folder)
+    return {
+        key: SeriesInput(key, "1.2.3." + key[-1], tuple(sorted(written.glob(f"*_{role}/*.dcm"))))
+        for key, role in (("t1", "T1"), ("stir", "STIR"))
+    }
+
+
+def _demo_chain():  # noqa: ANN202
+    from pipeline.chains import RuntimeSettings
+    from pipeline.chains.t1stir_quadrants.chain import T1STIRQuadrantsChain
+    from pipeline.route import ChainSpec
+
+    spec = ChainSpec(
+        name="t1stir-quadrants",
+        implementation="pipeline.chains.t1stir_quadrants.chain:T1STIRQuadrantsChain",
+        pack=str(DEMO_PACK),
+        requires=[{"role": "T1", "planes": ["coronal"], "name": "t1"}, {"role": "STIR", "planes": ["coronal"], "name": "stir", "optional": True}],
+        options={"gradcam_limit": 2},
+    )
+    return T1STIRQuadrantsChain(spec, RuntimeSettings(torch_threads=1))
+
+
+@needs_demo_pack
+@pytest.mark.slow
+def test_chain_decides_every_quadrant_of_both_joints_from_its_networks_alone(tmp_path) -> None:  # noqa: ANN001
+    """A left upper-ilium edema phantom (DICOM files only: no mask or ground truth reaches the chain)."""
+    from pipeline.chains import StudyInputs
+    from pipeline.phantom import generate_study
+    from pipeline.results import Laterality, MapMeaning, Region, Scope, Site
+
+    study = generate_study(94101, kinds=("mri",), lesions={"lesions": [{"type": "edema", "side": "left", "quadrant": "upper_ilium", "severity": "severe"}]})
+    inputs = _series_inputs(study, tmp_path)
+    for path in tmp_path.glob("*/ground_truth.json"):
+        path.unlink()
+    for path in tmp_path.glob("*/masks.npz"):
+        path.unlink()
+    chain = _demo_chain()
+    result = chain.run(StudyInputs(study.study_uid, inputs))
+    assert result.not_analysed is None, result.not_analysed
+    quadrant = [f for f in result.findings if f.scope is Scope.QUADRANT]
+    per_side = [f for f in result.findings if f.scope is Scope.SIDE]
+    assert len(quadrant) == 24 and len(per_side) == 4 and len(result.findings) == 28  # the paper's 28 outputs per patient
+    assert {f.concept.meaning for f in per_side} == {"Subchondral sclerosis", "Ankylosis"}
+    assert all(f.site is Site.SACROILIAC_JOINT for f in per_side)
+    present = {(f.concept.meaning, f.site, f.laterality, f.region) for f in result.findings if f.present}
+    assert ("Edema", Site.ILIUM, Laterality.LEFT, Region.UPPER) in present, present
+    assert not [p for p in present if p[2] is Laterality.RIGHT], present
+    # the contours: a left and a right traced joint line on each sequence's key slice, drawn as one overlay each
+    assert sorted(c.laterality.value for c in result.contours) == ["left", "left", "right", "right"]
+    overlays = [m for m in result.maps if m.meaning is MapMeaning.SEGMENTATION]
+    assert len(overlays) == 2 and all(m.categorical for m in overlays)
+    cams = [m for m in result.maps if m.meaning is MapMeaning.GRAD_CAM]
+    assert 1 <= len(cams) <= 2 and all("Grad-CAM" in m.caption for m in cams)
+    assert any("edema upper ilium, left joint, STIR" in m.caption for m in cams), [m.caption for m in cams]
+    assert "contour and classify" in result.provenance.timings_s
+
+    without_stir = chain.run(StudyInputs(study.study_uid, {"t1": inputs["t1"]}))
+    assert without_stir.not_analysed is not None and "STIR" in without_stir.not_analysed.detail and not without_stir.findings
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_through_the_cli_on_three_phantoms(tmp_path) -> None:  # noqa: ANN001
+    """``sijnode train t1stir-quadrants`` (one epoch, both phases) then ``sijnode evaluate``: a loadable pack and the shared report."""
+    import json
+
+    from node.cli import main
+    from pipeline.packs import load_pack
+    from pipeline.phantom import generate_study, write_study
+
+    for seed in (94201, 94202, 94203):
+        write_study(generate_study(seed, kinds=("mri",), lesions="random"), tmp_path / "data")
+    assert main(["train", "t1stir-quadrants", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "pack"), "--epochs", "1", "--json"]) == 0
+    pack = load_pack(tmp_path / "pack")
+    training = json.loads((pack.folder / "training.json").read_text())
+    assert set(training["phases"]) == {"contouring U-Net", "lesion classifier"}
+    assert [o.name for o in pack.manifest.outputs] == list(GRADED_OUTPUTS)
+    assert pack.manifest.architecture.hyperparameters["networks"]["contour_size"] == 224
+    write_study(generate_study(94204, kinds=("mri",), lesions="none"), tmp_path / "held")
+    assert main(["evaluate", str(pack.folder), "--data", str(tmp_path / "held"), "--json"]) == 0
+    report = json.loads((pack.folder / "evaluation.json").read_text())
+    assert set(report["outputs"]) == set(GRADED_OUTPUTS)
+    assert [c["study"] for c in report["cases"]] == ["SYNTH-94204:left", "SYNTH-94204:right"]
+    assert report["contour_error"]["joints_on_slices"] > 0 and "pooled" in report
+    assert (pack.folder / "contour_error.png").stat().st_size > 0 and (pack.folder / "roc.png").stat().st_size > 0

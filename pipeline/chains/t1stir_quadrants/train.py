@@ -210,7 +210,7 @@ class Recipe:
     validation_fraction: float = 0.2
     contour_studies: int = 40  # training studies whose T1 and STIR slices train the U-Net
     contour_validation_slices: int = 24
-    contour_steps: int = 60  # optimiser steps per contouring epoch
+    contour_steps: int = 60  # optimiser steps per contouring epoch (at most one pass over the training slices)
     contour_batch: int = 4
     contour_rate: float = 1e-3  # the paper's Adam settings
     contour_crop: tuple[int, int] = (112, 176)  # training windows (rows, cols) of the 224 grid around both joints
@@ -256,18 +256,23 @@ def _train_contouring(unet: torch.nn.Module, train_set: list[dict], validation_s
     chosen = [pool[int(k)] for k in np.linspace(0, len(pool) - 1, min(recipe.contour_validation_slices, len(pool)))]
 
     def window(image: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """A training crop around the joints (the centre of the start / end peaks present), jittered."""
+        """A training crop: half of the time around the joints (the centre of the start / end peaks present,
+        jittered), else anywhere on the grid, so that the whole grid the network runs on at inference is trained."""
         size, (rows, cols) = image.shape[-1], recipe.contour_crop
         peaks = [np.unravel_index(int(target[c].argmax()), target[c].shape) for c in _HEAT if target[c].max() > 0.5]
-        centre = np.mean(peaks, axis=0) if peaks else np.full(2, size / 2)
-        centre = centre + rng.integers(-recipe.contour_jitter, recipe.contour_jitter + 1, 2)
+        if peaks and rng.random() < 0.5:
+            centre = np.mean(peaks, axis=0) + rng.integers(-recipe.contour_jitter, recipe.contour_jitter + 1, 2)
+        else:
+            centre = rng.uniform([rows / 2, cols / 2], [size - rows / 2, size - cols / 2])
         r0 = int(np.clip(round(centre[0] - rows / 2), 0, size - rows))
         c0 = int(np.clip(round(centre[1] - cols / 2), 0, size - cols))
         return image[r0 : r0 + rows, c0 : c0 + cols], target[:, r0 : r0 + rows, c0 : c0 + cols]
 
+    steps = min(recipe.contour_steps, int(np.ceil(len(images) / recipe.contour_batch)))
+
     def train_epoch(_: int) -> dict[str, float]:
         losses = []
-        for _ in range(recipe.contour_steps):
+        for _ in range(steps):
             index = rng.integers(0, len(images), recipe.contour_batch)
             pairs = [window(*augment(images[i].astype(np.float32), targets[i].astype(np.float32), rng, DEMO_AUGMENTATION)) for i in index]
             x = torch.from_numpy(np.stack([p[0] for p in pairs])[:, None])
@@ -286,7 +291,13 @@ def _train_contouring(unet: torch.nn.Module, train_set: list[dict], validation_s
             errors += e
             failures += sum(f.values())
         heat = outputs[:, _HEAT].amax(dim=(2, 3))
+        reasons: dict[str, int] = {}
+        for (sample, i), out in zip(chosen, outputs.numpy()):
+            for walk in walk_outputs(out).values():
+                if not walk.ok and any(v is not None for v in sample["contours"][i].values()):
+                    reasons[walk.failure] = reasons.get(walk.failure, 0) + 1
         return {
+            **{f"failed_{reason.replace(' ', '_')}": float(count) for reason, count in sorted(reasons.items())},
             "validation_loss": float(contour_loss(outputs, y)),
             "walked_fraction": len(errors) / max(len(errors) + failures, 1),
             "median_rms_mm": float(np.median(errors)) if errors else float("nan"),
