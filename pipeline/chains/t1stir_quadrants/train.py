@@ -215,8 +215,9 @@ class Recipe:
     contour_rate: float = 1e-3  # the paper's Adam settings
     contour_crop: tuple[int, int] = (112, 176)  # training windows (rows, cols) of the 224 grid around both joints
     contour_jitter: int = 16  # the window's centre moves up to this many pixels off the joints' centre
-    classifier_batch: int = 8  # joints per step
-    classifier_rate: float = 1e-3
+    classifier_batch: int = 4  # joints per step (more, smaller steps: a short CPU run learns more from them)
+    classifier_rate: float = 2e-3
+    positive_weight: float = 10.0  # weight of "present" labels in the cross-entropy (about 1 / their prevalence)
     classifier_epochs: int | None = None  # default: the ``epochs`` argument
     trace_weight: float = 0.01
     patience: int = 6
@@ -364,7 +365,7 @@ def _train_classifier(networks: Any, train_joints: list[dict], validation_joints
     def loss_of(joints: Sequence[dict]) -> torch.Tensor:
         probability = torch.sigmoid(batch_logits(networks.classifier, [j["inputs"] for j in joints]))
         labels = {name: torch.stack([j["labels"][name] for j in joints]) for name in joints[0]["labels"]}
-        return multi_reader_loss(networks.annotators(probability), labels, networks.annotators, recipe.trace_weight)
+        return multi_reader_loss(networks.annotators(probability), labels, networks.annotators, recipe.trace_weight, recipe.positive_weight)
 
     def train_epoch(_: int) -> dict[str, float]:
         networks.annotators.train()
@@ -539,7 +540,7 @@ def train(
             "contour_loss": f"weighted L2 on heatmaps (1 + {HEATMAP_WEIGHT:g} x target) + L2 on the unit vector field",
             "contour_augmentation": asdict(DEMO_AUGMENTATION),
             "concurrency": "contouring and classifier phases in two threads, one torch thread each",
-            "classifier_loss": "binary cross-entropy of every reader / consensus label set against its annotator-tree node + trace penalty",
+            "classifier_loss": f"binary cross-entropy of every reader / consensus label set against its annotator-tree node (present labels weighted {recipe.positive_weight:g}) + trace penalty",
         },
         extra={"thresholds": thresholds, "data": {"training": training, "validation": held}},
     )
