@@ -391,6 +391,16 @@ def cmd_studies(args: argparse.Namespace, config: Config, out: Output) -> int:
     return EXIT_OK
 
 
+def _is_summary_card(path: Path) -> bool:
+    """Whether a Secondary Capture the node made is a study's results card, not a heatmap."""
+    from pydicom import dcmread
+
+    try:
+        return "summary" in str(dcmread(path, stop_before_pixels=True, specific_tags=["SeriesDescription"]).get("SeriesDescription", ""))
+    except Exception:  # a missing or unreadable file keeps the kind its SOP class gives
+        return False
+
+
 def _study_results(config: Config, store: Store, detail: dict[str, Any]) -> dict[str, Any]:
     """Findings per job of the study's current version (read from its SRs) and each output's deliveries."""
     from pipeline.report_reader import read_report
@@ -398,19 +408,15 @@ def _study_results(config: Config, store: Store, detail: dict[str, Any]) -> dict
 
     study = detail["study"]
     spool = Spool(config.storage.data_dir)
-    outputs_of: dict[int, list[Any]] = {}
+    outputs_of: dict[int | None, list[Any]] = {}
     for output in detail["outputs"]:
         outputs_of.setdefault(output.job_id, []).append(output)
     deliveries_of: dict[str, list[Any]] = {}
     for delivery in detail["deliveries"]:
         deliveries_of.setdefault(delivery.output_uid, []).append(delivery)
-    chains = []
-    # Each chain's newest job: a chain whose inputs did not change keeps its last result.
-    newest = {job.chain: job for job in sorted(detail["jobs"], key=lambda job: job.id)}
-    for job in newest.values():
-        entry: dict[str, Any] = {"job": job.id, "chain": job.chain, "state": job.state, "attempts": job.attempts,
-                                 "finished_at": job.finished_at, "error": job.error, "findings": [], "demonstration": None, "outputs": []}
-        for output in outputs_of.get(job.id, []):
+
+    def add_outputs(entry: dict[str, Any], outputs: list[Any]) -> None:
+        for output in outputs:
             kind = OUTPUT_KINDS.get(output.sop_class_uid, output.sop_class_uid)
             if kind == "SR":
                 try:
@@ -422,6 +428,8 @@ def _study_results(config: Config, store: Store, detail: dict[str, Any]) -> dict
                         entry["demonstration"] = report.demonstration
                 except Exception as error:  # a missing or unreadable file is shown, not fatal
                     entry["error"] = f"cannot read the SR {output.path}: {type(error).__name__}: {error}"
+            elif kind == "heatmap" and _is_summary_card(spool.absolute(output.path)):
+                kind = "summary card"
             entry["outputs"].append({
                 "sop_instance_uid": output.sop_instance_uid,
                 "kind": kind,
@@ -433,6 +441,19 @@ def _study_results(config: Config, store: Store, detail: dict[str, Any]) -> dict
                     for d in deliveries_of.get(output.sop_instance_uid, [])
                 ],
             })
+
+    chains = []
+    # Each chain's newest job: a chain whose inputs did not change keeps its last result.
+    newest = {job.chain: job for job in sorted(detail["jobs"], key=lambda job: job.id)}
+    for job in newest.values():
+        entry: dict[str, Any] = {"job": job.id, "chain": job.chain, "state": job.state, "attempts": job.attempts,
+                                 "finished_at": job.finished_at, "error": job.error, "findings": [], "demonstration": None, "outputs": []}
+        add_outputs(entry, outputs_of.get(job.id, []))
+        chains.append(entry)
+    if outputs_of.get(None):  # the summary of a study no chain ran on belongs to no job
+        entry = {"job": None, "chain": "study summary", "state": "done", "attempts": 0, "finished_at": outputs_of[None][-1].created_at,
+                 "error": None, "findings": [], "demonstration": None, "outputs": []}
+        add_outputs(entry, outputs_of[None])
         chains.append(entry)
     return {"study_uid": study.study_uid, "state": study.state, "version": study.version, "routing": study.routing_note, "chains": chains}
 
@@ -444,7 +465,8 @@ def _print_results(out: Output, results: dict[str, Any], short: dict[str, str]) 
     for chain in results["chains"]:
         finished = f", {_ago(chain['finished_at'])}" if chain["finished_at"] else ""
         demo = "; DEMONSTRATION pack: not for diagnosis" if chain["demonstration"] else ""
-        out.line(f"{chain['chain']}: job {chain['job']} {chain['state']}{finished}{demo}", "bold")
+        job = f"job {chain['job']} {chain['state']}" if chain["job"] is not None else f"no chain ran ({results['routing']})"
+        out.line(f"{chain['chain']}: {job}{finished}{demo}", "bold")
         if chain["state"] != "done":
             waiting = {"pending": "waiting for a worker", "running": f"running now (attempt {chain['attempts']})"}.get(chain["state"], "")
             out.line(f"  {chain['error'] or waiting}" if chain["state"] == "failed" else f"  {waiting}" + (f"; last error: {chain['error']}" if chain["error"] else ""))

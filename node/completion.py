@@ -83,7 +83,24 @@ def complete_study(store: Store, config: Config, study_uid: str, new_version: bo
         unchanged=sorted(completed.unchanged) if completed is not None else [],
         series=len(series),
     )
+    if version is not None and not routing.jobs:
+        summarise_study_without_jobs(store, config, study_uid)
     return CompletionResult(study_uid, version, jobs, note)
+
+
+def summarise_study_without_jobs(store: Store, config: Config, study_uid: str) -> bool:
+    """The study summary of a study that no chain applies to (its series that could be inputs,
+    and why none was analysed), made here because no job will end and make it. A failure is
+    logged and fails nothing: the study stays complete. Returns whether objects were queued."""
+    # imported here: encoding pulls highdicom and PIL, which the CLI's read-only commands never need
+    from node.summary import update_study_summary
+    from storage.spool import Spool
+
+    try:
+        return update_study_summary(store, Spool(config.storage.data_dir), config, study_uid, None)
+    except Exception:
+        log.exception("study summary failed", extra={"fields": {"study_uid": study_uid}})
+        return False
 
 
 def complete_due_studies(store: Store, config: Config, quiet_period_counts: bool = True) -> list[CompletionResult]:

@@ -1,9 +1,10 @@
 """The study summary hook: when the last job of a study's version finishes, write the results
 card and summary SR (pipeline.encode.summary) and queue them for delivery.
 
-Called by the worker after each job ends (done or failed for good). Self-contained: it reads the
-study from the store and the chains' SRs from the spool, and adds its two objects to the job
-that finished last. A summary is made again whenever a chain's result changes (a retried job,
+Called by the worker after each job ends (done or failed for good), and by the route stage for a
+study that completed without any job. Self-contained: it reads the study from the store and the
+chains' SRs from the spool, and adds its two objects to the job that finished last (or to the
+study itself when no chain ran). A summary is made again whenever a chain's result changes (a retried job,
 a new study version); identical content gives the identical objects, which are not sent twice.
 """
 
@@ -28,8 +29,9 @@ log = logging.getLogger("sijnode.summary")
 SR_STORAGE_CLASSES = ("1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.88.22")
 
 
-def write_results(spool: Spool, study_uid: str, job_id: int, datasets: Sequence[Dataset]) -> list[ProducedObject]:
-    """Write datasets into the spool's results (atomically), as the outputs of ``job_id``."""
+def write_results(spool: Spool, study_uid: str, job_id: int | None, datasets: Sequence[Dataset]) -> list[ProducedObject]:
+    """Write datasets into the spool's results (atomically), as the outputs of ``job_id``
+    (``None``: of the study itself)."""
     produced = []
     for dataset in datasets:
         buffer = io.BytesIO()
@@ -40,15 +42,24 @@ def write_results(spool: Spool, study_uid: str, job_id: int, datasets: Sequence[
     return produced
 
 
-def update_study_summary(store: Store, spool: Spool, config: Config, study_uid: str, job_id: int) -> bool:
+def update_study_summary(store: Store, spool: Spool, config: Config, study_uid: str, job_id: int | None) -> bool:
     """Write the study's summary if none of its current version's jobs is still to run, as
-    outputs of ``job_id`` (the job that just ended). Returns whether new objects were queued."""
+    outputs of ``job_id`` (the job that just ended). With ``job_id`` None (a study that completed
+    without a job) the summary belongs to the study, and is made only if the study has series
+    that could be chain inputs: the radiologist learns why they were not analysed, while studies
+    the node has no business with (a chest CT a forward-everything rule sent) stay silent.
+    Returns whether new objects were queued."""
     detail = store.study_detail(study_uid)
     if detail is None:
         return False
     study = detail["study"]
     jobs = [job for job in detail["jobs"] if job.study_version == study.version]
-    if not jobs or any(job.state in (JobState.PENDING, JobState.RUNNING) for job in jobs):
+    if any(job.state in (JobState.PENDING, JobState.RUNNING) for job in jobs):
+        return False
+    if not jobs and job_id is not None:
+        return False
+    fates = series_fates(detail["series"], jobs, config.chains)
+    if not jobs and not fates:
         return False
     summary_series = set(summary_series_uids(study_uid))
     series_of = {
@@ -65,9 +76,9 @@ def update_study_summary(store: Store, spool: Spool, config: Config, study_uid: 
         lines = report_lines(dcmread(spool.absolute(srs[0].path))) if job.state == JobState.DONE and srs else None
         outcomes.append(chain_outcome(job, lines))
         reported.append(lines)
-    if all(lines is None for lines in reported) and not any(job.state == JobState.FAILED for job in jobs):
+    if jobs and all(lines is None for lines in reported) and not any(job.state == JobState.FAILED for job in jobs):
         return False  # no chain reports in an SR (e.g. an export-only chain): nothing to summarise
-    summary = StudySummary(study_uid, tuple(outcomes), series_fates(detail["series"], jobs, config.chains))
+    summary = StudySummary(study_uid, tuple(outcomes), fates)
     # The summary's evidence and patient/study module come from one of the study's input images:
     # an SR, KOS or presentation state the PACS also sent is no image to cite.
     images = [i for i in store.study_instances(study_uid) if i.kind == InstanceKind.INPUT]
@@ -81,7 +92,7 @@ def update_study_summary(store: Store, spool: Spool, config: Config, study_uid: 
         return False  # the same content was summarised already
     produced = write_results(spool, study_uid, job_id, datasets)
     destinations = [peer.name for peer in config.destinations]
-    added = store.add_study_outputs(job_id, produced, destinations)
+    added = store.add_study_outputs(study_uid, job_id, produced, destinations)
     if added:
         log_event(log, logging.INFO, "study summary queued", study_uid=study_uid, version=version, objects=added)
     return bool(added)

@@ -308,6 +308,24 @@ def write_evaluation(
     return paths
 
 
+def pack_identity(manifest: Any, parameters: int | Mapping[str, int] | None = None) -> dict[str, Any]:
+    """The ``pack`` block of an evaluation report: which pack (name, version, chain, weights
+    sha256, demonstration or not), its architecture and training data as the manifest declares
+    them, and the parameter count of the networks evaluated (a total or one per network)."""
+    identity: dict[str, Any] = {
+        "name": manifest.name,
+        "version": manifest.version,
+        "chain": manifest.chain,
+        "weights_sha256": manifest.weights.sha256,
+        "demo": manifest.demo,
+        "architecture": manifest.architecture.model_dump(),
+        "training_data": manifest.training_data,
+    }
+    if parameters is not None:
+        identity["parameters"] = dict(parameters) if isinstance(parameters, Mapping) else int(parameters)
+    return identity
+
+
 def report_markdown(report: Mapping[str, Any], title: str, notes: Sequence[str] = ()) -> str:
     """``EVALUATION.md``: one metrics table per output with CIs, then sensitivity/specificity per subgroup."""
 

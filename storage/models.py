@@ -179,12 +179,13 @@ class Job(Base):
 
 
 class Output(Base):
-    """A DICOM object a job produced (SR, heatmap, ...), stored in the spool."""
+    """A DICOM object a job (or the study summary) produced (SR, heatmap, ...), stored in the spool."""
 
     __tablename__ = "outputs"
 
     sop_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
-    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    # None: a study-level object (the summary of a study no chain ran on)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), index=True)
     study_uid: Mapped[str] = mapped_column(String(64), index=True)
     sop_class_uid: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(Text)

@@ -51,9 +51,10 @@ class Spool:
         parts = (self._component(study_uid), self._component(series_uid), self._component(sop_instance_uid) + ".dcm")
         return str(Path("incoming", *parts))
 
-    def result_path(self, study_uid: str, job_id: int, sop_instance_uid: str) -> str:
-        """Relative path of an object produced by a job."""
-        parts = (self._component(study_uid), str(int(job_id)), self._component(sop_instance_uid) + ".dcm")
+    def result_path(self, study_uid: str, job_id: int | None, sop_instance_uid: str) -> str:
+        """Relative path of an object produced by a job (``None``: by the study, its summary)."""
+        owner = "study" if job_id is None else str(int(job_id))
+        parts = (self._component(study_uid), owner, self._component(sop_instance_uid) + ".dcm")
         return str(Path("results", *parts))
 
     def absolute(self, relative: str) -> Path:

@@ -1036,16 +1036,18 @@ class Store:
 
     # -- study summary (issue 10) -----------------------------------------------------------------
 
-    def add_study_outputs(self, job_id: int, produced: Sequence[ProducedObject], destinations: Iterable[str]) -> int:
-        """Record objects made for the job's study after the job finished (the study summary) and
-        queue their deliveries. An object already recorded (same SOP Instance UID: the same
-        summary content) is left alone. Returns how many objects were new."""
+    def add_study_outputs(
+        self, study_uid: str, job_id: int | None, produced: Sequence[ProducedObject], destinations: Iterable[str]
+    ) -> int:
+        """Record objects made for a study after its jobs finished (the study summary), under the
+        job that ended last or, for a study no chain ran on, under no job, and queue their
+        deliveries. An object already recorded (same SOP Instance UID: the same summary content)
+        is left alone. Returns how many objects were new."""
         now = utcnow()
         destinations = list(destinations)
         added = 0
         with self.session() as session, session.begin():
-            job = session.get(Job, job_id)
-            if job is None:
+            if session.get(Study, study_uid) is None or (job_id is not None and session.get(Job, job_id) is None):
                 return 0
             for item in produced:
                 if session.get(Output, item.sop_instance_uid) is not None:
@@ -1053,7 +1055,7 @@ class Store:
                 self._insert_ignore(
                     session,
                     Output,
-                    dict(sop_instance_uid=item.sop_instance_uid, job_id=job_id, study_uid=job.study_uid,
+                    dict(sop_instance_uid=item.sop_instance_uid, job_id=job_id, study_uid=study_uid,
                          sop_class_uid=item.sop_class_uid, path=item.path, created_at=now),
                 )
                 for destination in destinations:

@@ -258,3 +258,31 @@ def test_sighup_reload_keeps_the_open_association_and_the_running_job(tmp_path: 
         held_study = str(dcmread(held[0]).StudyInstanceUID)
         assert {s["study_uid"]: s["instance_count"] for s in node.cli_json("studies")}[held_study] == 6
         assert node.process.poll() is None
+
+
+def test_a_study_no_chain_applies_to_gets_its_summary_and_results_show_it(tmp_path: Path) -> None:
+    """No job ends for such a study, so completion itself writes the summary (issue 10): it says
+    why the T1 series was not analysed, and `results` shows it under no job."""
+    from pipeline.encode.sr import report_lines
+
+    files = make_mr_series(tmp_path / "t1", 2)
+    study_uid = str(dcmread(files[0]).StudyInstanceUID)
+    with Node(tmp_path / "node", {"chains": [], "study": {"release_grace_seconds": 0.5}}) as node:
+        assert run_storescu(files, node.port, NODE_AET).returncode == 0
+
+        def summarised() -> dict | None:
+            results = node.cli_json("results", study_uid)
+            return results if any(chain["chain"] == "study summary" for chain in results["chains"]) else None
+
+        results = wait_for(summarised, timeout=60, what=f"the study summary\n{node.output_tail()}")
+        assert [chain["job"] for chain in results["chains"]] == [None]
+        outputs = results["chains"][0]["outputs"]
+        assert sorted(output["kind"] for output in outputs) == ["summary SR", "summary card"]
+        summary_sr = next(dcmread(o["path"]) for o in outputs if o["kind"] == "summary SR")
+        lines = report_lines(summary_sr)
+        printed = cli(node.config_path, "results", study_uid)
+    assert printed.returncode == 0, printed.stderr
+    assert "study summary: no chain ran" in printed.stdout and "summary card" in printed.stdout
+    assert_fits(printed.stdout)
+    assert "No chain ran on this study." in lines, lines
+    assert any(re.search(r"\(MR T1 coronal\): not analysed: no chain configured", line) for line in lines), lines

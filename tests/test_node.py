@@ -137,7 +137,10 @@ def test_orthanc_pushes_study_and_receives_the_result(tmp_path: Path) -> None:
 def test_kill_9_mid_transfer_loses_nothing_acknowledged(tmp_path: Path, database_overrides: dict) -> None:
     study = tmp_path / "study"
     files = make_mr_series(study, 400, size=128)
-    overrides = {**database_overrides, "chains": [TEST_CHAIN], "study": {"quiet_seconds": 2}}
+    # The cut-off association holds the study until the quiet period: long enough that a loaded
+    # machine's restart and checks below end before it, or the study would complete (and get a
+    # second job) before the re-send.
+    overrides = {**database_overrides, "chains": [TEST_CHAIN], "study": {"quiet_seconds": 8}}
     node = Node(tmp_path / "node", overrides).start()
     try:
         sender = subprocess.Popen(
@@ -167,7 +170,7 @@ def test_kill_9_mid_transfer_loses_nothing_acknowledged(tmp_path: Path, database
         assert resent.returncode == 0, resent.stderr
         assert len(node.rows(Instance)) == 400
         _wait_job_state(node, "done")
-        time.sleep(4)  # longer than the quiet period: no second completion may appear
+        time.sleep(9)  # longer than the quiet period: no second completion may appear
         jobs = node.rows(Job)
         assert [(j.chain, j.study_version, j.state) for j in jobs] == [("test-echo", 1, "done")]
     finally:

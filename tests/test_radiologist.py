@@ -327,12 +327,15 @@ E2E_STUDIES = {  # name → (seed, SPEC, kinds): modified New York grades per si
     "right only": (91002, {"lesions": [], "mny_grade": {"left": 0, "right": 4}}, ("xr",)),
     "bilateral": (91003, {"lesions": [], "mny_grade": {"left": 4, "right": 4}}, ("xr",)),
     "none": (91004, "none", ("xr",)),
+    "no chain applies": (91005, "none", ("mri",)),  # only xr-anatomy configured: no job, still a summary
 }
+JOBLESS = "no chain applies"
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 
 
-def _study_objects(pacs, study_uid: str) -> list[pydicom.Dataset] | None:
-    """The node's objects of one study in Orthanc: chain SR, 2 heatmaps, summary card and SR."""
+def _study_objects(pacs, study_uid: str, expected: int = 5) -> list[pydicom.Dataset] | None:
+    """The node's objects of one study in Orthanc: chain SR, 2 heatmaps, summary card and SR
+    (``expected`` 5), or only the summary card and SR of a study no chain ran on (2)."""
     matches = [m for m in pacs.lookup(study_uid) if m.get("Type") == "Study"]
     if not matches:
         return None
@@ -341,7 +344,7 @@ def _study_objects(pacs, study_uid: str) -> list[pydicom.Dataset] | None:
         if "AI " not in series["MainDicomTags"].get("SeriesDescription", ""):
             continue
         found += [pydicom.dcmread(DicomBytesIO(pacs.instance_file(i))) for i in series["Instances"]]
-    return found if len(found) >= 5 else None
+    return found if len(found) >= expected else None
 
 
 @pytest.mark.slow
@@ -362,11 +365,20 @@ def test_phantoms_through_the_node_state_no_side_and_get_a_summary(tmp_path: Pat
                 sent = run_storescu(sorted(folder.glob("*/*.dcm")), node.port, NODE_AET)
                 assert sent.returncode == 0, sent.stderr
             objects = {
-                name: wait_for(lambda uid=study.study_uid: _study_objects(pacs, uid), timeout=300, interval=1.0,
+                name: wait_for(lambda uid=study.study_uid, n=2 if name == JOBLESS else 5: _study_objects(pacs, uid, n), timeout=300, interval=1.0,
                                what=f"the {name} phantom's results in Orthanc\n{node.output_tail()}")
                 for name, study in studies.items()
             }
     srs: dict[str, Path] = {}
+    # a study no chain applies to gets the summary alone, saying why each series was not analysed
+    jobless = objects.pop(JOBLESS)
+    assert sorted(ds.SeriesDescription for ds in jobless) == ["AI summary report sijnode", "AI summary results card sijnode"]
+    srs[JOBLESS] = tmp_path / "jobless-summary.dcm"
+    next(ds for ds in jobless if str(ds.SOPClassUID) == SR_CLASS).save_as(srs[JOBLESS], enforce_file_format=True)
+    jobless_text = reader_text(srs[JOBLESS])
+    assert "No chain ran on this study." in jobless_text and "DEMONSTRATION" not in jobless_text
+    for role in ("T1", "STIR", "T2FS"):
+        assert re.search(rf"\(MR {role} [a-z]+\): not analysed: no chain configured", jobless_text), (role, jobless_text)
     for name, found in objects.items():
         chain_sr = [ds for ds in found if str(ds.SOPClassUID) == SR_CLASS and "summary" not in ds.SeriesDescription]
         card = [ds for ds in found if "results card" in ds.SeriesDescription]

@@ -13,7 +13,7 @@ from pipeline.chains.t2fs_mil.importer import import_paper_checkpoint
 from pipeline.chains.t2fs_mil.inference import load_model, predict
 from pipeline.chains.t2fs_mil.model import INFLAMED, PAPER_HYPERPARAMETERS, build_model
 from pipeline.chains.t2fs_mil.preprocess import IMAGENET_MEAN, IMAGENET_STD, PAPER_PREPROCESSING, preprocess_slices
-from pipeline.chains.xr_anatomy.importer import WeightsImportError
+from pipeline.chains.checkpoints import WeightsImportError
 from pipeline.training import count_parameters
 
 #: torchvision's ResNet-18 parameter and buffer names, written out (torchvision is not installed)

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 from pydicom import Dataset
 
-from pipeline.chains import RuntimeSettings, StudyInputs
+from pipeline.chains import RuntimeSettings, SeriesInput, StudyInputs
 from pipeline.packs import ModelPack, load_pack
 from pipeline.results import ChainResult, Provenance
 from pipeline.route import ChainSpec
@@ -119,6 +119,16 @@ class ModelChain(ABC):
     @abstractmethod
     def run(self, inputs: StudyInputs) -> ChainResult:
         """Turn the study's input series into findings, maps and scores."""
+
+    def single_series(self, inputs: StudyInputs, key: str, what: str) -> SeriesInput:
+        """The one input series of a single-series chain: the one routed under ``key``, or the
+        only series given (a chain run by hand on one series); anything else is a routing error
+        that names ``what`` the chain needs."""
+        if key in inputs.series:
+            return inputs.series[key]
+        if len(inputs.series) == 1:
+            return next(iter(inputs.series.values()))
+        raise ValueError(f"chain {self.name} needs one {what} series (input key {key!r}), got {sorted(inputs.series)}")
 
     def produce(self, inputs: StudyInputs) -> list[Dataset]:
         from pipeline.encode import encode_result

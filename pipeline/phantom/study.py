@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 from collections.abc import Sequence
@@ -231,6 +232,16 @@ def write_study(study: PhantomStudy, out_dir: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------- helpers
+def phantom_study_folders(data: Path) -> list[Path]:
+    """The phantom study folders at or below ``data`` (each holds a ``ground_truth.json``), in
+    path order. ``os.walk`` rather than ``Path.glob`` because it follows symbolic links, so a
+    data set can be assembled from links to studies written elsewhere."""
+    data = Path(data)
+    if not data.is_dir():
+        raise FileNotFoundError(f"{data} is not a folder of phantom studies (write some with sijnode phantom)")
+    return sorted(Path(root) for root, _, files in os.walk(data, followlinks=True) if GROUND_TRUTH_FILE in files)
+
+
 def _check_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
     if isinstance(kinds, str):
         kinds = [part.strip() for part in kinds.split(",") if part.strip()]

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 from pydicom import Dataset
 
 from pipeline.cam import evidence_map
-from pipeline.chains import SeriesInput, StudyInputs
+from pipeline.chains import StudyInputs
 from pipeline.chains.base import ModelChain
 from pipeline.chains.t2fs_mil.preprocess import SliceOrderError
 from pipeline.results import (
@@ -66,16 +66,9 @@ class CTSlicesChain(ModelChain):
         self.model = CTSlicesModel.from_manifest(self.pack.manifest, state_dict, self.device)
         self.output = self.pack.manifest.output(OUTPUT)
 
-    def _series(self, inputs: StudyInputs) -> SeriesInput:
-        if INPUT_KEY in inputs.series:
-            return inputs.series[INPUT_KEY]
-        if len(inputs.series) == 1:
-            return next(iter(inputs.series.values()))
-        raise ValueError(f"chain {self.name} needs one axial CT series (input key {INPUT_KEY!r}), got {sorted(inputs.series)}")
-
     def run(self, inputs: StudyInputs) -> ChainResult:
         with self.timed("read"):
-            datasets = self._series(inputs).datasets()
+            datasets = self.single_series(inputs, INPUT_KEY, "axial CT").datasets()
         try:
             spacing = slice_spacing_mm(datasets) if datasets else 0.0
             if spacing > MAX_SLICE_SPACING_MM:

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from pydicom import Dataset, dcmread
 
+from pipeline.phantom.study import phantom_study_folders
+
 DEFINITE_TYPES = ("erosion", "sclerosis", "ankylosis", "narrowing", "widening")
 
 # (grade one side, grade other side, extra non-structural lesion): relative frequency; half negative,
@@ -108,7 +110,7 @@ def read_study(folder: Path) -> PhantomCT | None:
 
 def find_studies(data: Path) -> list[PhantomCT]:
     """Every phantom study with a CT series below ``data``, in folder order."""
-    studies = [read_study(f.parent) for f in sorted(Path(data).glob("*/ground_truth.json"))]
+    studies = [read_study(folder) for folder in phantom_study_folders(data)]
     found = [s for s in studies if s is not None]
     if not found:
         raise ValueError(f"no phantom CT studies below {data} (write some with: sijnode phantom --kinds ct --out {data})")

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from pipeline.chains.xr_anatomy.importer import WeightsImportError, _load, check_state_dict
+from pipeline.chains.checkpoints import WeightsImportError, check_state_dict, load_checkpoint
 from pipeline.packs import ModelPack, sha256_of, write_pack
 
 from .inference import OUTPUT
@@ -116,7 +116,7 @@ def import_ct_slices(
         raise WeightsImportError(f"threshold {threshold} is outside [0, 1]")
     state: dict[str, torch.Tensor] = {}
     for name, path in files.items():
-        for key, tensor in network_state_dict(_load(path, trust_pickle), name, path).items():
+        for key, tensor in network_state_dict(load_checkpoint(path, trust_pickle), name, path).items():
             state[f"{name}.{key}"] = tensor
     manifest = published_manifest({name: sha256_of(path) for name, path in files.items()}, threshold)
     return write_pack(Path(out), manifest, state)

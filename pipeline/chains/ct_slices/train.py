@@ -39,6 +39,7 @@ from pipeline.evaluation import (
     auc,
     evaluation_report,
     manifest_summary,
+    pack_identity,
     phantom_subgroups,
     write_evaluation,
 )
@@ -337,11 +338,7 @@ def evaluate(pack: ModelPack, data: Path, out: Path) -> dict[str, Any]:
     report = evaluation_report(
         cases,
         outputs,
-        pack={
-            "name": manifest.name, "version": manifest.version, "chain": manifest.chain, "weights_sha256": manifest.weights.sha256,
-            "demo": manifest.demo, "architecture": manifest.architecture.model_dump(),
-            "parameters": {name: count_parameters(net) for name, net in model.networks.items()}, "training_data": manifest.training_data,
-        },
+        pack=pack_identity(manifest, {name: count_parameters(net) for name, net in model.networks.items()}),
         data={"folder": str(Path(data)), "description": data_text, "label": "sacroiliitis on CT: mNY grade >= 2 on a side (from ground_truth.json)"},
         seconds=time.perf_counter() - started,
     )

@@ -24,9 +24,9 @@ from pydicom import Dataset, dcmread
 from pipeline.chains.t1stir_3d.model import SEQUENCES
 from pipeline.chains.t1stir_3d.preprocess import REQUIRED_KEYS, PreparedPair, prepare_pair
 from pipeline.evaluation import phantom_subgroups
+from pipeline.phantom.study import GROUND_TRUTH_FILE, phantom_study_folders
 from pipeline.training import seed_ranges
 
-GROUND_TRUTH = "ground_truth.json"
 #: ground-truth label per task output
 LABEL_KEYS: dict[str, str] = {
     "active_inflammation": "active_inflammation",
@@ -78,7 +78,7 @@ class Case:
 
 
 def read_case(folder: Path) -> Case:
-    truth = json.loads((folder / GROUND_TRUTH).read_text())
+    truth = json.loads((folder / GROUND_TRUTH_FILE).read_text())
     series = {s["role"]: folder / s["folder"] for s in truth["series"] if s["role"] in SEQUENCES and s["plane"] == "coronal"}
     if set(series) != set(SEQUENCES):
         raise ValueError(f"{folder}: no semicoronal T1 and STIR series in the ground truth (generate with kinds including mri)")
@@ -96,12 +96,9 @@ def read_case(folder: Path) -> Case:
 
 def find_cases(data: Path) -> list[Case]:
     """Every phantom study under ``data`` (the folder itself or its sub-folders), sorted by folder."""
-    data = Path(data)
-    if not data.is_dir():
-        raise FileNotFoundError(f"{data} is not a folder of phantom studies (see sijnode phantom)")
-    folders = [data] if (data / GROUND_TRUTH).is_file() else sorted(p.parent for p in data.glob(f"*/{GROUND_TRUTH}"))
+    folders = phantom_study_folders(data)
     if not folders:
-        raise FileNotFoundError(f"{data}: no phantom studies ({GROUND_TRUTH} in sub-folders); write some with sijnode phantom")
+        raise FileNotFoundError(f"{data}: no phantom studies ({GROUND_TRUTH_FILE} in sub-folders); write some with sijnode phantom")
     return [read_case(folder) for folder in folders]
 
 

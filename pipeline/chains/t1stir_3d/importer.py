@@ -39,7 +39,7 @@ from pipeline.chains.t1stir_3d.model import (
     build_denoiser,
 )
 from pipeline.chains.t1stir_3d.preprocess import PUBLISHED_PREPROCESSING
-from pipeline.chains.xr_anatomy.importer import WeightsImportError, check_state_dict
+from pipeline.chains.checkpoints import WeightsImportError, check_state_dict, load_checkpoint
 from pipeline.packs import ModelPack, sha256_of, write_pack
 
 FASTAI_ENTRY = "model"
@@ -48,16 +48,6 @@ DATA_PARALLEL_PREFIX = "module."
 DEFAULT_THRESHOLD = 0.5
 
 __all__ = ["WeightsImportError", "fastai_state_dict", "import_spa_models"]
-
-
-def _load(path: Path, trust_pickle: bool) -> Any:
-    if not Path(path).is_file():
-        raise WeightsImportError(f"{path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-    except Exception as error:  # UnpicklingError, RuntimeError, ... depending on the file
-        hint = "" if trust_pickle else " (if the file comes from a source you trust, retry with trust_pickle=True)"
-        raise WeightsImportError(f"cannot read {path}: {error}{hint}") from error
 
 
 def fastai_state_dict(saved: Any, expected: Mapping[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
@@ -146,12 +136,12 @@ def import_spa_models(
     sources: dict[str, tuple[Path, str]] = {}
     for sequence in SEQUENCES:
         path = Path(denoisers[sequence])
-        own = fastai_state_dict(_load(path, trust_pickle), expected_denoiser, f"{sequence} denoiser {path}")
+        own = fastai_state_dict(load_checkpoint(path, trust_pickle), expected_denoiser, f"{sequence} denoiser {path}")
         state.update({denoiser_prefix(sequence) + k: v for k, v in own.items()})
         sources[f"denoiser {sequence}"] = (path, sha256_of(path))
     for task in TASKS:
         path = Path(classifiers[task])
-        own = fastai_state_dict(_load(path, trust_pickle), expected_classifier, f"{task} classifier {path}")
+        own = fastai_state_dict(load_checkpoint(path, trust_pickle), expected_classifier, f"{task} classifier {path}")
         state.update({classifier_prefix(task) + k: v for k, v in own.items()})
         sources[f"classifier {task}"] = (path, sha256_of(path))
     manifest = published_manifest(sources, thresholds or {}, architecture=architecture, preprocessing=preprocessing)

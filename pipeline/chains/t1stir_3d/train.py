@@ -50,6 +50,7 @@ from pipeline.evaluation import (
     auc,
     evaluation_report,
     manifest_summary,
+    pack_identity,
     roc_curve,
     write_evaluation,
 )
@@ -286,16 +287,7 @@ def evaluate(pack: ModelPack, data: Path, out: Path, *, cache: Path | None = Non
     report = evaluation_report(
         results,
         outputs,
-        pack={
-            "name": manifest.name,
-            "version": manifest.version,
-            "chain": manifest.chain,
-            "weights_sha256": manifest.weights.sha256,
-            "demo": manifest.demo,
-            "architecture": manifest.architecture.model_dump(),
-            "parameters": sum(count_parameters(n) for n in [*networks.denoisers.values(), *networks.classifiers.values()]),
-            "training_data": manifest.training_data,
-        },
+        pack=pack_identity(manifest, sum(count_parameters(n) for n in [*networks.denoisers.values(), *networks.classifiers.values()])),
         data={"folder": str(Path(data)), **summary, "labels": dict(LABEL_KEYS)},
         seconds=time.perf_counter() - started,
     )

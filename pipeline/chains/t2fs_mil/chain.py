@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from pipeline.chains import SeriesInput, StudyInputs
+from pipeline.chains import StudyInputs
 from pipeline.chains.base import ModelChain
 from pipeline.chains.t2fs_mil.inference import (
     OUTPUT,
@@ -64,19 +64,12 @@ class T2FSMILChain(ModelChain):
         self.explainer = GradCAMExplainer(self.model) if self.settings["top_k"] > 0 else None
         self.output = self.pack.manifest.output(OUTPUT)
 
-    def _series(self, inputs: StudyInputs) -> SeriesInput:
-        if INPUT_KEY in inputs.series:
-            return inputs.series[INPUT_KEY]
-        if len(inputs.series) == 1:
-            return next(iter(inputs.series.values()))
-        raise ValueError(f"chain {self.name} needs one axial T2FS series (input key {INPUT_KEY!r}), got {sorted(inputs.series)}")
-
     def run(self, inputs: StudyInputs) -> ChainResult:
         from pipeline.encode.codes import concept
 
         tta, top_k = self.settings["tta"], self.settings["top_k"]
         with self.timed("read"):
-            datasets = self._series(inputs).datasets()
+            datasets = self.single_series(inputs, INPUT_KEY, "axial T2FS").datasets()
         with self.timed("preprocess"):
             ordered, bag = preprocess_series(datasets, self.hyperparameters.input_size, self.model.recipe)
             bag = bag.to(self.device)

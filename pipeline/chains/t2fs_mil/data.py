@@ -20,9 +20,9 @@ from pydicom import Dataset, dcmread
 
 from pipeline.chains.t2fs_mil.preprocess import PREPROCESSING, preprocess_series
 from pipeline.evaluation import phantom_subgroups
+from pipeline.phantom.study import GROUND_TRUTH_FILE, phantom_study_folders
 from pipeline.training import seed_ranges
 
-GROUND_TRUTH = "ground_truth.json"
 MASKS = "masks.npz"
 LABEL = "active_inflammation"
 
@@ -64,7 +64,7 @@ class Case:
 
 
 def read_case(folder: Path) -> Case:
-    truth = json.loads((folder / GROUND_TRUTH).read_text())
+    truth = json.loads((folder / GROUND_TRUTH_FILE).read_text())
     series = [s for s in truth["series"] if s["role"] == "T2FS" and s["plane"] == "axial"]
     if not series:
         raise ValueError(f"{folder}: no axial T2FS series in the ground truth (generate with kinds including mri)")
@@ -110,12 +110,9 @@ def describe_seeds(summary: dict) -> str:
 
 def find_cases(data: Path) -> list[Case]:
     """Every phantom study under ``data`` (the folder itself or its sub-folders), sorted by folder."""
-    data = Path(data)
-    if not data.is_dir():
-        raise FileNotFoundError(f"{data} is not a folder of phantom studies (see sijnode phantom)")
-    folders = [data] if (data / GROUND_TRUTH).is_file() else sorted(p.parent for p in data.glob(f"*/{GROUND_TRUTH}"))
+    folders = phantom_study_folders(data)
     if not folders:
-        raise FileNotFoundError(f"{data}: no phantom studies ({GROUND_TRUTH} in sub-folders); write some with sijnode phantom")
+        raise FileNotFoundError(f"{data}: no phantom studies ({GROUND_TRUTH_FILE} in sub-folders); write some with sijnode phantom")
     return [read_case(folder) for folder in folders]
 
 

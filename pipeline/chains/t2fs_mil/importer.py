@@ -30,7 +30,7 @@ import torch
 from pipeline.chains.t2fs_mil.inference import OUTPUT
 from pipeline.chains.t2fs_mil.model import PAPER_HYPERPARAMETERS, build_model
 from pipeline.chains.t2fs_mil.preprocess import PAPER_PREPROCESSING
-from pipeline.chains.xr_anatomy.importer import WeightsImportError, _load, check_state_dict
+from pipeline.chains.checkpoints import WeightsImportError, check_state_dict, load_checkpoint
 from pipeline.packs import ModelPack, sha256_of, write_pack
 
 ENCODER_PREFIXES = ("feature_extractor.", "backbone.", "")
@@ -93,7 +93,7 @@ def import_paper_checkpoint(path: Path, out: Path, *, threshold: float = 0.5) ->
 
         checkpoint: Any = load_file(path)
     else:
-        checkpoint = _load(path, trust_pickle=False)
+        checkpoint = load_checkpoint(path, trust_pickle=False)
     state, dropped = paper_state_dict(_tensors(checkpoint, path), path)
     model = build_model(PAPER_HYPERPARAMETERS)
     model.load_state_dict(state, strict=True)

@@ -67,6 +67,7 @@ from pipeline.evaluation import (
     evaluate_binary,
     evaluation_report,
     manifest_summary,
+    pack_identity,
     write_evaluation,
 )
 from pipeline.packs import HELD_OUT, ModelPack, update_evaluation, write_pack
@@ -424,16 +425,7 @@ def evaluate(pack: ModelPack, data: Path, out: Path) -> dict[str, Any]:
     report = evaluation_report(
         results,
         outputs,
-        pack={
-            "name": manifest.name,
-            "version": manifest.version,
-            "chain": manifest.chain,
-            "weights_sha256": manifest.weights.sha256,
-            "demo": manifest.demo,
-            "architecture": manifest.architecture.model_dump(),
-            "parameters": count_parameters(model),
-            "training_data": manifest.training_data,
-        },
+        pack=pack_identity(manifest, count_parameters(model)),
         data={"folder": str(Path(data)), **summary, "label": "active inflammation (any bone marrow edema), from ground_truth.json"},
         seconds=time.perf_counter() - started,
     )

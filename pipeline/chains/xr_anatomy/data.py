@@ -10,7 +10,6 @@ demonstration pack is trained on studies whose modified New York grades are draw
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 from pydicom import Dataset, dcmread
 
 from pipeline.evaluation import phantom_subgroups
+from pipeline.phantom.study import GROUND_TRUTH_FILE, phantom_study_folders
 
 # (grade of one side, grade of the other side): relative frequency. Half the weight is on studies
 # without radiographic sacroiliitis (mNY: bilateral >= 2 or unilateral >= 3), including the
@@ -108,8 +108,7 @@ class PhantomRadiograph:
 def find_radiographs(data: Path) -> list[PhantomRadiograph]:
     """Every study below ``data`` with a radiograph and ground truth, in folder order."""
     found = []
-    # os.walk, not Path.glob: it follows symbolic links, so a data set can be assembled from links
-    truth_paths = sorted(Path(root) / "ground_truth.json" for root, _, files in os.walk(data, followlinks=True) if "ground_truth.json" in files)
+    truth_paths = [folder / GROUND_TRUTH_FILE for folder in phantom_study_folders(data)]
     for truth_path in truth_paths:
         truth = json.loads(truth_path.read_text())
         series = next((s for s in truth.get("series", []) if s.get("role") == "XR"), None)

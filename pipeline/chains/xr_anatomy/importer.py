@@ -51,6 +51,7 @@ from typing import Any
 
 import torch
 
+from pipeline.chains.checkpoints import WeightsImportError, check_state_dict, load_checkpoint
 from pipeline.packs import ModelPack, sha256_of, write_pack
 
 from .model import (
@@ -80,46 +81,12 @@ _KEY_RULES: tuple[tuple[re.Pattern[str], str], ...] = (
 )
 
 
-class WeightsImportError(ValueError):
-    """The published files do not match the published architecture."""
-
-
 def torchvision_to_monai(key: str) -> str:
     """The MONAI ResNet name of a torchvision ResNet-50 (+ head) parameter name."""
     for pattern, replacement in _KEY_RULES:
         if pattern.match(key):
             return pattern.sub(replacement, key)
     raise WeightsImportError(f"classifier checkpoint key {LIGHTNING_PREFIX}{key} has no MONAI counterpart")
-
-
-def _load(path: Path, trust_pickle: bool) -> Any:
-    if not Path(path).is_file():
-        raise WeightsImportError(f"{path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-    except Exception as error:  # torch raises UnpicklingError, RuntimeError, ... depending on the file
-        hint = "" if trust_pickle else " (if the file comes from a source you trust, retry with trust_pickle=True)"
-        raise WeightsImportError(f"cannot read {path}: {error}{hint}") from error
-
-
-def check_state_dict(found: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], what: str) -> None:
-    """Every expected key present with its shape, nothing else: else an error naming the keys."""
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    wrong = [
-        f"{k} has shape {tuple(found[k].shape)}, expected {tuple(expected[k].shape)}"
-        for k in expected
-        if k in found and tuple(found[k].shape) != tuple(expected[k].shape)
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing key(s): {', '.join(missing[:8])}" + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
-    if unexpected:
-        problems.append(f"unexpected key(s): {', '.join(unexpected[:8])}" + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else ""))
-    if wrong:
-        problems.append("; ".join(wrong[:8]))
-    if problems:
-        raise WeightsImportError(f"{what} does not match the published architecture: " + "; ".join(problems))
 
 
 def classifier_state_dict(checkpoint: Any, path: Path | str = "classifier checkpoint") -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -192,8 +159,8 @@ def import_anatomy_aware(classifier: Path, segmenter: Path, out: Path, *, trust_
     a file does not match the published architecture.
     """
     classifier, segmenter, out = Path(classifier), Path(segmenter), Path(out)
-    classifier_state, ignored = classifier_state_dict(_load(classifier, trust_pickle), classifier)
-    segmenter_state = segmenter_state_dict(_load(segmenter, trust_pickle), segmenter)
+    classifier_state, ignored = classifier_state_dict(load_checkpoint(classifier, trust_pickle), classifier)
+    segmenter_state = segmenter_state_dict(load_checkpoint(segmenter, trust_pickle), segmenter)
     state = {SEGMENTER_PREFIX + k: v for k, v in segmenter_state.items()}
     state.update({CLASSIFIER_PREFIX + k: v for k, v in classifier_state.items()})
     manifest = published_manifest(sha256_of(classifier), sha256_of(segmenter), ignored)

@@ -42,6 +42,7 @@ from pipeline.evaluation import (
     auc,
     evaluation_report,
     manifest_summary,
+    pack_identity,
     threshold_metrics,
     write_evaluation,
 )
@@ -535,7 +536,7 @@ def evaluate(pack: ModelPack, data: Path, out: Path) -> dict[str, Any]:
     report = evaluation_report(
         results,
         [OutputSpec(OUTPUT, threshold, description="softmax probability of radiographic sacroiliitis (mNY), whole pipeline")],
-        pack={"name": manifest.name, "version": manifest.version, "chain": manifest.chain, "weights_sha256": manifest.weights.sha256, "demo": manifest.demo},
+        pack=pack_identity(manifest),
         data={"folder": str(Path(data)), "studies": len(studies), "seeds": seeds, "label": "radiographic sacroiliitis (modified New York), from ground_truth.json"},
         seconds=time.perf_counter() - started,
         extra=extra,
