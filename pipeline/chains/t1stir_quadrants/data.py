@@ -23,6 +23,7 @@ from scipy.ndimage import map_coordinates
 
 from pipeline.phantom import JOINT_LINE_LABELS, SIDES
 from pipeline.phantom.readers import GRADED_OUTPUTS
+from pipeline.phantom.study import GROUND_TRUTH_FILE, phantom_study_folders
 
 from .preprocess import CanonicalOrientation, SquareFrame
 from .regions import JointRegions, joint_regions
@@ -105,7 +106,6 @@ def reader_labels(readers: Mapping, side: str) -> dict[str, np.ndarray]:
 
 
 # ------------------------------------------------------------------ phantom studies as training / evaluation cases
-GROUND_TRUTH = "ground_truth.json"
 SEQUENCES: tuple[str, ...] = ("T1", "STIR")
 
 
@@ -176,7 +176,7 @@ def series_of(role: str, datasets: Sequence[Dataset], size: int = 224) -> Corona
 def read_case(folder: Path) -> Case:
     from pipeline.evaluation import phantom_subgroups
 
-    truth = json.loads((folder / GROUND_TRUTH).read_text())
+    truth = json.loads((folder / GROUND_TRUTH_FILE).read_text())
     series = {s["role"]: folder / s["folder"] for s in truth["series"] if s["role"] in SEQUENCES and s["plane"] == "coronal"}
     if set(series) != set(SEQUENCES):
         raise ValueError(f"{folder}: no coronal T1 and STIR series in the ground truth (generate with kinds including mri)")
@@ -195,13 +195,10 @@ def read_case(folder: Path) -> Case:
 
 
 def find_cases(data: Path) -> list[Case]:
-    """Every phantom study under ``data`` (the folder itself or its sub-folders), sorted by folder."""
-    data = Path(data)
-    if not data.is_dir():
-        raise FileNotFoundError(f"{data} is not a folder of phantom studies (see sijnode phantom)")
-    folders = [data] if (data / GROUND_TRUTH).is_file() else sorted(p.parent for p in data.glob(f"*/{GROUND_TRUTH}"))
+    """Every phantom study at or below ``data``, in path order."""
+    folders = phantom_study_folders(data)
     if not folders:
-        raise FileNotFoundError(f"{data}: no phantom studies ({GROUND_TRUTH} in sub-folders); write some with sijnode phantom")
+        raise FileNotFoundError(f"{data}: no phantom studies ({GROUND_TRUTH_FILE} in sub-folders); write some with sijnode phantom")
     return [read_case(folder) for folder in folders]
 
 

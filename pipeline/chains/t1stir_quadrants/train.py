@@ -601,7 +601,7 @@ def evaluate(pack: Any, data: Path, out: Path) -> dict[str, Any]:
     and the walked contours against the true joint lines; write the shared report to ``out``."""
     import time
 
-    from pipeline.evaluation import CaseResult, OutputSpec, evaluate_binary, evaluation_report, manifest_summary, write_evaluation
+    from pipeline.evaluation import CaseResult, OutputSpec, evaluate_binary, evaluation_report, manifest_summary, pack_identity, write_evaluation
     from pipeline.packs import HELD_OUT, update_evaluation
     from pipeline.phantom.lesions import QUADRANTS, SIDES
     from pipeline.phantom.readers import GRADED_OUTPUTS, QUADRANT_LESIONS, output_lesion_type
@@ -681,16 +681,7 @@ def evaluate(pack: Any, data: Path, out: Path) -> dict[str, Any]:
     report = evaluation_report(
         results,
         outputs,
-        pack={
-            "name": manifest.name,
-            "version": manifest.version,
-            "chain": manifest.chain,
-            "weights_sha256": manifest.weights.sha256,
-            "demo": manifest.demo,
-            "architecture": manifest.architecture.model_dump(),
-            "parameters": sum(count_parameters(m) for m in networks.modules().values()),
-            "training_data": manifest.training_data,
-        },
+        pack=pack_identity(manifest, {name: count_parameters(m) for name, m in networks.modules().items()}),
         data={"folder": str(Path(data)), **summary, "labels": "ground_truth.json readers.truth (the phantom's truth, not a reader)"},
         seconds=time.perf_counter() - started,
         extra={
