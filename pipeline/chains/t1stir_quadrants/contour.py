@@ -17,7 +17,8 @@ The paper publishes no code; these are the rules, all in grid pixels:
   joint's end); the end peak is then appended.
 * **Failure** (no contour is returned, the reason is): ``"weak field"`` (interpolated field
   magnitude below :attr:`WalkRules.min_field`: the walk is off the joint where the field
-  has no direction), ``"left the image"``, ``"too long"`` (more than
+  has no direction; a gap of at most :attr:`WalkRules.coast_px` is crossed on the last
+  heading), ``"left the image"``, ``"too long"`` (more than
   :attr:`WalkRules.max_length_factor` times the start-end distance, plus 20 pixels: the walk
   circles or passes the end).
 """
@@ -34,6 +35,7 @@ class WalkRules:
     step_px: float = 0.5
     arrive_px: float = 1.0
     pass_px: float = 6.0
+    coast_px: float = 0.0
     min_peak: float = 0.3
     min_field: float = 0.2
     max_length_factor: float = 3.0
@@ -98,6 +100,7 @@ def trace_contour(
 
     vertices, point, walked = [start], start.copy(), 0.0
     previous = float(np.linalg.norm(point - end))
+    heading, coasted = None, 0.0
     while previous > rules.arrive_px:
         first = direction(point)
         if first is None:
@@ -105,7 +108,11 @@ def trace_contour(
         if not first.any():
             if previous <= rules.pass_px:
                 break  # the field ends at the joint's end, a few pixels from the end peak
-            return Walk(None, "weak field")
+            if heading is None or coasted >= rules.coast_px:
+                return Walk(None, "weak field")
+            first, coasted = heading, coasted + rules.step_px  # carry on across a short gap in the field
+        else:
+            coasted = 0.0
         second = direction(point + rules.step_px * first)
         if second is None or not second.any():
             second = first
