@@ -616,16 +616,18 @@ def test_chain_decides_every_quadrant_of_both_joints_from_its_networks_alone(tmp
     assert len(quadrant) == 24 and len(per_side) == 4 and len(result.findings) == 28  # the paper's 28 outputs per patient
     assert {f.concept.meaning for f in per_side} == {"Subchondral sclerosis", "Ankylosis"}
     assert all(f.site is Site.SACROILIAC_JOINT for f in per_side)
-    present = {(f.concept.meaning, f.site, f.laterality, f.region) for f in result.findings if f.present}
-    assert ("Edema", Site.ILIUM, Laterality.LEFT, Region.UPPER) in present, present
-    assert not [p for p in present if p[2] is Laterality.RIGHT], present
+    # every probability is the network's consensus output for that joint (nothing from ground truth, which was deleted)
+    assert {f.laterality for f in result.findings} == {Laterality.LEFT, Laterality.RIGHT}
+    assert {(f.site, f.region) for f in quadrant} == {(site, region) for site in (Site.ILIUM, Site.SACRUM) for region in Region}
     # the contours: a left and a right traced joint line on each sequence's key slice, drawn as one overlay each
     assert sorted(c.laterality.value for c in result.contours) == ["left", "left", "right", "right"]
     overlays = [m for m in result.maps if m.meaning is MapMeaning.SEGMENTATION]
     assert len(overlays) == 2 and all(m.categorical for m in overlays)
     cams = [m for m in result.maps if m.meaning is MapMeaning.GRAD_CAM]
-    assert 1 <= len(cams) <= 2 and all("Grad-CAM" in m.caption for m in cams)
-    assert any("edema upper ilium, left joint, STIR" in m.caption for m in cams), [m.caption for m in cams]
+    present = [f for f in result.findings if f.present]
+    assert len(cams) <= min(2, len(present)) and all("Grad-CAM" in m.caption for m in cams)
+    for cam in cams:  # each explains a Present finding: its peak is at most that finding's probability
+        assert float(cam.values.max()) <= max(f.probability for f in present) + 1e-6
     assert "contour and classify" in result.provenance.timings_s
 
     without_stir = chain.run(StudyInputs(study.study_uid, {"t1": inputs["t1"]}))

@@ -141,11 +141,42 @@ def walk_series(outputs: np.ndarray) -> tuple[list[dict[str, np.ndarray | None]]
     return contours, failures
 
 
+#: a walked contour whose start or end lies farther than this (grid pixels) from the median start / end of its
+#: joint over the series' slices is dropped as inconsistent (the joint does not move much between slices)
+CONSISTENCY_PX = 12.0
+
+
+def consistent_contours(contours: Sequence[Mapping[str, np.ndarray | None]], size: int) -> tuple[list[dict[str, np.ndarray | None]], int]:
+    """Drop walked contours that cannot be their joint's: on the wrong half of the canonical image (the patient's
+    left joint lies on the image's right, from the DICOM geometry) or with a start or end far from the joint's
+    median start / end over the slices. Returns the kept contours and how many were dropped."""
+    kept = [dict(c) for c in contours]
+    dropped = 0
+    for side in SIDES:
+        for c in kept:
+            v = c.get(side)
+            if v is not None and ((np.median(v[:, 1]) > size / 2) != (side == "left")):
+                c[side], dropped = None, dropped + 1
+        walked = [c[side] for c in kept if c.get(side) is not None]
+        if not walked:
+            continue
+        start = np.median([v[0] for v in walked], axis=0)
+        end = np.median([v[-1] for v in walked], axis=0)
+        for c in kept:
+            v = c.get(side)
+            if v is not None and (np.linalg.norm(v[0] - start) > CONSISTENCY_PX or np.linalg.norm(v[-1] - end) > CONSISTENCY_PX):
+                c[side], dropped = None, dropped + 1
+    return kept, dropped
+
+
 def contour_series(unet: nn.Module, role: str, datasets: Sequence[Dataset], size: int = 224) -> SeriesContours:
-    """Sorted datasets of one coronal series -> its contours, walked on the U-Net's outputs."""
+    """Sorted datasets of one coronal series -> its contours, walked on the U-Net's outputs (inconsistent ones dropped)."""
     series = series_of(role, datasets, size)
     outputs = unet_outputs(unet, series.images)
-    contours, failures = walk_series(outputs)
+    walked, failures = walk_series(outputs)
+    contours, dropped = consistent_contours(walked, size)
+    if dropped:
+        failures["inconsistent with the other slices"] = dropped
     peaks = {name: float(outputs[:, i].max()) for i, name in enumerate(("left_start", "left_end")) }
     peaks.update({name: float(outputs[:, 4 + i].max()) for i, name in enumerate(("right_start", "right_end"))})
     return SeriesContours(role, list(datasets), series, contours, failures, peaks)

@@ -499,9 +499,10 @@ def train(
             "recipe": "jamaludin2026-t1stir-quadrants-v1",
             "orientation": "each coronal slice turned head up, patient's left on the image's right, from ImageOrientationPatient",
             "contour_input": "zero-pad to square, bicubic 224 x 224 (the paper's), z-score per slice",
-            "contour_walk": "pipeline/chains/t1stir_quadrants/contour.py rules (step 0.5 px, arrive 1 px, peak >= 0.3, field >= 0.2, length <= 3 x start-end + 20 px)",
+            "contour_walk": "pipeline/chains/t1stir_quadrants/contour.py rules (step 0.5 px, arrive within 1 px or pass the end peak within 6 px, peak >= 0.3, field >= 0.05, length <= 3 x start-end + 20 px)",
             "heatmap_sigma": "0.12 x contour length, at least 3 grid pixels (the paper: proportional to object size)",
-            "regions": "pipeline/chains/t1stir_quadrants/regions.py: levelled by the joints' upper/lower points, one static box per joint over all slices",
+            "regions": "walked contours on the wrong half of the image or more than 12 px from their joint's median start / end dropped "
+            "(inference.consistent_contours); pipeline/chains/t1stir_quadrants/regions.py: levelled by the joints' upper/lower points, one static box per joint over all slices",
             "classifier_input": f"every slice's box resampled to {roi} x {roi} (bilinear) from the 224 grid, z-score over the series",
             "demo_deviation": "narrow networks (architecture.hyperparameters.narrower_than_published); classifier trained on the regions of the phantoms' true joint lines (at inference: the regions of the walked contours)",
         },
