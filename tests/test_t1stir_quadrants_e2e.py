@@ -40,6 +40,14 @@ CASES = [(side, quadrant) for side in SIDES for quadrant in QUADRANTS]
 FIRST_SEED = 94001
 
 
+DEMO_PACK_FAILS = pytest.mark.xfail(
+    strict=True,
+    reason="the demonstration pack (minutes of CPU training) traces too few joint lines and its classifier does not separate "
+    "lesions on held-out phantoms (packs/t1stir-quadrants-demo/EVALUATION.md); measured 2026-12-02: 4 of 8 phantoms not analysed, "
+    "Present findings on the other side in the rest. Remove this mark with a pack that passes.",
+)
+
+
 def _outputs(pacs, study_uid: str) -> dict[str, list[bytes]] | None:
     """SOP class -> files of the chain's objects in the study, once its SR and its contour overlays are in."""
     matches = [m for m in pacs.lookup(study_uid) if m.get("Type") == "Study"]
@@ -114,6 +122,7 @@ def node_outputs(quadrant_phantoms: dict[tuple[str, str], Path], tmp_path_factor
 
 
 @pytest.mark.slow
+@DEMO_PACK_FAILS
 def test_the_traced_joint_lines_come_back_on_the_joints_of_every_phantom(
     quadrant_phantoms: dict[tuple[str, str], Path], node_outputs: dict[tuple[str, str], dict[str, list[bytes]]]
 ) -> None:
@@ -135,6 +144,7 @@ def test_the_traced_joint_lines_come_back_on_the_joints_of_every_phantom(
 
 
 @pytest.mark.slow
+@DEMO_PACK_FAILS
 def test_one_edema_per_quadrant_is_present_on_its_own_side_and_quadrant_only(
     node_outputs: dict[tuple[str, str], dict[str, list[bytes]]]
 ) -> None:
