@@ -20,7 +20,7 @@ front end, hand-written here because pynetdicom lacks it:
     Rejects with the proper A-ASSOCIATE-RJ: source address not allowed, called AE title not
     the node's, and slots: ``max_associations`` established at once, the last
     ``reserved_peer_associations`` only for configured peers, ``max_associations_per_source``
-    per address for everyone else.
+    per address for everyone else; counted over all receiver processes of the node (node/slots.py).
 ``GuardedDIMSE``
     Stops keeping a dataset's bytes once it passes ``max_dataset_bytes`` (the rest is read and
     dropped) and answers its C-STORE with a failure status; a command set whose UIDs
@@ -53,6 +53,7 @@ from pynetdicom.utils import make_target
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from node.config import ReceiverConfig, ReceiverLimits
+from node.slots import SlotBoard
 
 log = logging.getLogger("sijnode.admission")
 
@@ -70,14 +71,15 @@ REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)  # transient, presentation-related, loca
 class AdmissionPolicy:
     """Address allowlist, called AE titles and association slots, from the receiver config."""
 
-    def __init__(self, settings: ReceiverConfig, peer_ae_titles: list[str]) -> None:
+    def __init__(self, settings: ReceiverConfig, peer_ae_titles: list[str], board: SlotBoard | None = None) -> None:
         self.limits: ReceiverLimits = settings.limits
         self.max_associations = settings.max_associations
         self.called_ae_titles = frozenset(settings.answered_called_ae_titles)
         self.peer_ae_titles = frozenset(peer_ae_titles)
         # Parsed once; config validation already refused anything that is not a network.
         self.networks = [ipaddress.ip_network(entry, strict=False) for entry in settings.allowed_source_addresses]
-        self._lock = threading.Lock()
+        # Where slots are counted: node-wide across receiver processes (node/slots.py), or this process.
+        self.board = board if board is not None else SlotBoard(None)
 
     def address_allowed(self, address: str) -> bool:
         """Whether a peer address is within the source allowlist (empty list: any address)."""
@@ -89,15 +91,16 @@ class AdmissionPolicy:
             return False
         return any(ip in network for network in self.networks)
 
-    def slot_refusal(self, calling_ae: str, address: str, established: list[Association]) -> str | None:
-        """Why an association may not be established now (None: it may)."""
+    def slot_refusal(self, calling_ae: str, address: str, established: list[str]) -> str | None:
+        """Why an association may not be established now (None: it may); ``established``: the
+        source addresses of the associations established now."""
         is_peer = calling_ae in self.peer_ae_titles
         if len(established) >= self.max_associations:
             return "all association slots are taken"
         if not is_peer and len(established) >= self.max_associations - self.limits.reserved_peer_associations:
             return "the remaining association slots are reserved for configured peers"
         if not is_peer:
-            same_source = sum(1 for a in established if a.requestor.address == address)
+            same_source = sum(1 for a in established if a == address)
             if same_source >= self.limits.max_associations_per_source:
                 return "too many associations from this address"
         return None
@@ -128,15 +131,18 @@ class GuardedACSE(ACSE):
         required = [title.strip() for title in self.assoc.ae.require_calling_aet]
         if required and str(primitive.calling_ae_title).strip() not in required:
             return self._reject("calling AE title not recognized", REJECT_CALLING_AE)
-        # Counting and establishing under one lock: two requests cannot both take the last slot.
-        with self.policy._lock:
-            established = [
-                a for a in self.assoc.ae.active_associations if a.is_acceptor and a.is_established and a is not self.assoc
-            ]
-            refusal = self.policy.slot_refusal(str(primitive.calling_ae_title).strip(), address, established)
-            if refusal is not None:
-                return self._reject(refusal, REJECT_LOCAL_LIMIT)
+        # The slot is taken before the association is accepted, counted node-wide (node/slots.py):
+        # two requests cannot both take the last slot, whichever receiver processes they reach.
+        calling_ae = str(primitive.calling_ae_title).strip()
+        board = self.policy.board
+        refusal = board.admit(self.assoc, address, lambda taken: self.policy.slot_refusal(calling_ae, address, taken))
+        if refusal is not None:
+            return self._reject(refusal, REJECT_LOCAL_LIMIT)
+        try:
             super()._negotiate_as_acceptor()
+        finally:
+            if not self.assoc.is_established:  # rejected or aborted during negotiation
+                board.release(self.assoc)
 
 
 # -- the transport: per-PDU deadline and size limit ---------------------------------------------

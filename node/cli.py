@@ -829,7 +829,7 @@ def cmd_packs_import_t1stir_3d(args: argparse.Namespace, config: Config | None, 
 def cmd_train(args: argparse.Namespace, config: Config | None, out: Output) -> int:
     from pipeline.training import train_chain
 
-    pack = train_chain(args.chain, Path(args.data), Path(args.out), epochs=args.epochs, seed=args.seed, progress=not out.json)
+    pack = train_chain(args.chain, Path(args.data), Path(args.out), epochs=args.epochs, seed=args.seed, progress=not out.json, cache=Path(args.cache) if args.cache else None)
     manifest = pack.manifest
     if out.json:
         _print_json({"pack": str(pack.folder), "name": manifest.name, "version": manifest.version, "evaluation": manifest.evaluation})
@@ -850,7 +850,7 @@ def cmd_evaluate(args: argparse.Namespace, config: Config | None, out: Output) -
                 out.line(problem)
             out.line("committed evaluation reproduced" if not problems else f"{len(problems)} differences from the committed evaluation")
         return EXIT_NOT_FOUND if problems else EXIT_OK
-    report = evaluate_pack(Path(args.pack), Path(args.data), Path(args.out) if args.out else None)
+    report = evaluate_pack(Path(args.pack), Path(args.data), Path(args.out) if args.out else None, cache=Path(args.cache) if args.cache else None)
     if out.json:
         _print_json(report)
         return EXIT_OK
@@ -1000,10 +1000,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="pack folder to write")
     train.add_argument("--epochs", type=int, default=None)
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--cache", default=None, help="folder for preprocessed studies, reused by later runs (chains that support it: t1stir-3d)")
     evaluate = add("evaluate", cmd_evaluate, "evaluate a model pack on held-out phantom studies")
     evaluate.add_argument("pack")
     evaluate.add_argument("--data", required=True)
     evaluate.add_argument("--out", default=None, help="report folder (default: the pack folder)")
+    evaluate.add_argument("--cache", default=None, help="folder of preprocessed studies, as for train")
     evaluate.add_argument("--check", action="store_true", help="regenerate on --data (all or some held-out studies) and compare with the pack's committed evaluation.json")
     phantom = add("phantom", cmd_phantom, "write synthetic sacroiliac-joint studies with ground truth")
     phantom.add_argument("--out", required=True)

@@ -73,6 +73,11 @@ class ReceiverConfig(_Strict):
     # Optional source-address allowlist (IP addresses or CIDR networks); empty = any. An entry
     # that is neither is an error (a typo must not open the node to every address).
     allowed_source_addresses: list[str] = []
+    # The largest P-DATA PDU the node accepts, told to each peer in the A-ASSOCIATE-AC; a peer sends
+    # PDUs up to this or its own send limit, whichever is smaller (dcmtk and Orthanc: 128 KiB). 0:
+    # unlimited (up to limits.max_dataset_bytes). Bounded: larger PDUs measured no faster
+    # (bench/pdu_size), a PDU is held whole in memory while it is decoded, and all of it must
+    # arrive within limits.pdu_timeout_s.
     max_pdu_bytes: Annotated[int, Field(ge=0)] = 262144
     # Receiver processes sharing the port (SO_REUSEPORT), the database and the spool: one Python
     # process is bound by its GIL. "auto": one per CPU.
@@ -178,6 +183,10 @@ class WorkerConfig(_Strict):
     # fp32: the exact published computation. bf16: an optional faster mode on CPUs with AMX or
     # AVX512-BF16 (and on GPUs); its measured deviation is in bench/README.md.
     precision: Literal["fp32", "bf16"] = "fp32"
+    # How xr-anatomy's forward passes run, all fp32 (pipeline.chains.base.PreparedNetwork):
+    # eager (the reference), torchscript, onednn, channels_last, compile, onnxruntime (extra
+    # "onnx"). Speed and deviation per runtime: bench/README.md (bench/xr_anatomy --runtimes).
+    runtime: Literal["eager", "torchscript", "onednn", "channels_last", "compile", "onnxruntime"] = "eager"
 
     def worker_count(self, enabled_chains: int) -> int:
         """How many worker processes the service starts."""

@@ -43,6 +43,7 @@ from node.admission import AdmissionPolicy, GatedAssociationServer, GuardedACSE,
 from node.config import Config
 from node.logs import log_event
 from node.reactor import QueueWaitAssociation
+from node.slots import SlotBoard
 from node.uids import short_uid
 from node.validation import InstanceRejected, Status, check_structure, check_usable, read_instance
 from pipeline.classify import INPUT_SOP_CLASSES, header_summary, sijnode_result_evidence
@@ -192,6 +193,12 @@ def claim_port(port: int) -> socket.socket:
     return guard
 
 
+def slot_board(config: Config) -> SlotBoard:
+    """Where the receiver processes of this service count their association slots together
+    (node/slots.py); a single receiver process counts its own."""
+    return SlotBoard(config.storage.data_dir / "receiver-slots.json" if config.receiver_count > 1 else None)
+
+
 class Receiver:
     """Owns the pynetdicom AE and turns C-STORE requests into spool files and rows."""
 
@@ -212,6 +219,7 @@ class Receiver:
         self._serials = itertools.count(1)
         self._deliveries: dict[int, _Delivery] = {}  # id(Association) -> what it delivered
         self._deliveries_lock = threading.Lock()
+        self.board = slot_board(config)
         if config.logging.level != "DEBUG":
             # pynetdicom's "standard" handlers format a log text for every PDU and DIMSE message
             # even when nothing is logged at that level: off the hot path unless debugging.
@@ -253,7 +261,7 @@ class Receiver:
         if self.server is not None:
             self.server.ae.require_calling_aet = self._calling_ae_allowlist()
             # Associations already negotiated keep the policy they were admitted by.
-            self.server.policy = AdmissionPolicy(config.receiver, [peer.ae_title for peer in config.peers])
+            self.server.policy = AdmissionPolicy(config.receiver, [peer.ae_title for peer in config.peers], self.board)
 
     def _calling_ae_allowlist(self) -> list[str]:
         if self.config.receiver.allow_any_calling_ae:
@@ -288,6 +296,7 @@ class Receiver:
     def _report_drops(self, interval_s: float = 2.0) -> None:
         while not self._drops_stop.wait(interval_s):
             self._flush_drops()
+            self.board.reconcile()  # slots of associations whose close went unnoticed
 
     def _flush_drops(self) -> None:
         with self._drops_lock:
@@ -353,6 +362,7 @@ class Receiver:
         which the sender has been silent longer than the quiet period anyway.
         """
         self._log_received(event)
+        self.board.release(event.assoc)  # its slot, counted node-wide (node/slots.py)
         self._association_ended(event.assoc, released=event.assoc.dul.state_machine.current_state == "Sta13")
 
     def _association_ended(self, assoc: object, released: bool) -> None:
@@ -518,7 +528,7 @@ class Receiver:
             ae.supported_contexts,
             server_ssl_context(self.config),
             handlers,
-            AdmissionPolicy(settings, peer_titles),
+            AdmissionPolicy(settings, peer_titles, self.board),
             on_drop=self.connection_dropped,
             on_bad_command=self.bad_command,
         )

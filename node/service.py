@@ -24,7 +24,7 @@ from node.completion import complete_due_studies
 from node.config import Config, ConfigError, load_config
 from node.heartbeat import HEARTBEAT_NAME, HEARTBEAT_SECONDS, still_running
 from node.logs import log_event, set_levels
-from node.receiver import Receiver, claim_port, receiver_main
+from node.receiver import Receiver, claim_port, receiver_main, slot_board
 from node.sender import Sender
 from node.worker import worker_main
 from storage.models import utcnow
@@ -271,6 +271,7 @@ class Service:
         # The port first: a second service on the same port fails here, before touching claims.
         self._port_guard = claim_port(self.config.receiver.port)
         self._check_port_bindable()
+        slot_board(self.config).reset()  # no receiver process of a previous run holds a slot
         self._serve_metrics()
         self._take_back_claims()
         self._await_listening([self._start_receiver(index) for index in range(1, self.config.receiver_count)])

@@ -43,7 +43,8 @@ class Worker:
         self.name = name
         self._chains: dict[str, Chain] = {}
         self.runtime = RuntimeSettings(
-            device=config.workers.device, torch_threads=config.torch_threads, precision=config.workers.precision
+            device=config.workers.device, torch_threads=config.torch_threads, precision=config.workers.precision,
+            runtime=config.workers.runtime,
         )
 
     def apply_config(self, config: Config) -> None:

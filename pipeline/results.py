@@ -240,7 +240,10 @@ class Map:
     Evidence maps (Grad-CAM, attention) are on the absolute scale of :func:`pipeline.cam.evidence_map`
     (their peak is at most the explained finding's probability). A categorical map lists its
     ``categories``; every non-zero value of it is one of theirs. The caption says what the map
-    is; the heatmap writer adds the instance number.
+    is; the heatmap writer adds the instance number. ``display_window`` is the (centre, width)
+    window, in the source's modality units (HU for CT), in which the heatmap shows the source
+    under the map, where the chain's reading calls for one (a bone window for CT bone lesions);
+    None: the source's own window.
     """
 
     source: ImageRef
@@ -249,12 +252,15 @@ class Map:
     key: bool = True  # key images get a heatmap object
     caption: str | None = None
     categories: tuple[Category, ...] = ()
+    display_window: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.values.ndim != 2:
             raise ValueError("a map is 2-D, on one source image's pixel grid")
         if not np.isfinite(self.values).all() or self.values.min() < 0 or self.values.max() > 1:
             raise ValueError("map values must be finite and in [0, 1]")
+        if self.display_window is not None and not (len(self.display_window) == 2 and self.display_window[1] > 0):
+            raise ValueError(f"display_window is (centre, width) with a positive width, got {self.display_window}")
         if self.meaning is MapMeaning.SEGMENTATION and not self.categories:
             raise ValueError("a segmentation map names its categories (Map.categories)")
         if self.categories:

@@ -27,3 +27,25 @@ def ct_above_the_joints(seed: int) -> PhantomStudy:
 
     with mock.patch.object(phantom_study, "plan_ct", lumbar_plan):
         return generate_study(seed, kinds=("ct",), lesions="none")
+
+
+def ct_with_slices(seed: int, thickness_mm: float, coverage_mm: float, fov_mm: float | None = None, matrix: int = 512) -> PhantomStudy:
+    """A phantom CT (right-sided grade 2) with slices ``thickness_mm`` apart over ``coverage_mm``
+    centred on the joints; with ``fov_mm``, a joints-only field of view of ``matrix`` pixels
+    centred on them (the phantom renders what the plan covers, so thin slices stay cheap)."""
+    original = phantom_study.plan_ct
+
+    def plan(model, *args: object, **kwargs: object):  # noqa: ANN001, ANN202 (a PhantomModel in, a SeriesPlan out)
+        planned = original(model, *args, **kwargs)
+        geometry = planned.geometry
+        count = int(round(coverage_mm / thickness_mm))
+        offsets = tuple(-(k - (count - 1) / 2.0) * thickness_mm for k in range(count))
+        x, y, _ = geometry.center
+        joints = model.joint_center_lps
+        changes: dict[str, object] = {"slice_thickness": thickness_mm, "slice_offsets": offsets, "center": (x, y, float(joints[2]))}
+        if fov_mm is not None:
+            changes.update(rows=matrix, columns=matrix, pixel_spacing=(fov_mm / matrix, fov_mm / matrix), center=tuple(float(v) for v in joints))
+        return replace(planned, geometry=replace(geometry, **changes))
+
+    with mock.patch.object(phantom_study, "plan_ct", plan):
+        return generate_study(seed, kinds=("ct",), lesions={"lesions": [], "mny_grade": {"left": 0, "right": 2}})

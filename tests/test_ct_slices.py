@@ -5,6 +5,7 @@ slice → study rule."""
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,7 @@ from pipeline.chains.ct_slices.preprocess import (
 )
 from pipeline.packs import load_pack
 from pipeline.phantom import generate_study
-from tests.ct_phantoms import ct_above_the_joints
+from tests.ct_phantoms import ct_above_the_joints, ct_with_slices
 
 PUBLISHED = Settings.from_manifest(PUBLISHED_PREPROCESSING)
 
@@ -282,15 +283,15 @@ def _write_series(datasets: list[Dataset], folder: Path) -> tuple[Path, ...]:
 @pytest.fixture(scope="module")
 def random_pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A pack of the demonstration architecture with random weights (what it decides does not matter here)."""
-    from pipeline.chains.ct_slices.train import DEMO_HYPERPARAMETERS, DEMO_PREPROCESSING
+    from pipeline.chains.ct_slices.train import DEMO_AVERAGE_HYPERPARAMETERS, DEMO_PREPROCESSING
     from pipeline.packs import write_pack
 
     torch.manual_seed(3)
-    specs = {name: NetworkSpec.from_mapping(name, values) for name, values in DEMO_HYPERPARAMETERS["networks"].items()}
+    specs = {name: NetworkSpec.from_mapping(name, values) for name, values in DEMO_AVERAGE_HYPERPARAMETERS["networks"].items()}
     state = {f"{name}.{k}": v for name, spec in specs.items() for k, v in build_network(spec).state_dict().items()}
     manifest = {
         "name": "ct-slices-random", "version": "0", "chain": "ct-slices", "demo": True,
-        "architecture": {"name": "demo architecture, random weights", "hyperparameters": DEMO_HYPERPARAMETERS},
+        "architecture": {"name": "demo architecture (both networks, averaged), random weights", "hyperparameters": DEMO_AVERAGE_HYPERPARAMETERS},
         "preprocessing": DEMO_PREPROCESSING,
         "outputs": [{"name": "sacroiliitis", "concept": "sacroiliitis", "threshold": 0.5}],
         "training_data": "none", "intended_use": "tests",
@@ -325,16 +326,18 @@ def test_chain_reports_one_patient_level_finding_slice_scores_and_grad_cam(ct_ph
     assert finding.scope is Scope.PATIENT and finding.laterality is None and finding.concept.meaning == "Sacroiliitis"
     truth = {ds.SOPInstanceUID for ds, c in zip(datasets, crosses) if c}
     analysed = [str(ds.SOPInstanceUID) for ds in result.sources]
-    assert len(analysed) == 12 and len(set(analysed) & truth) >= 10  # max_slices of the demo pack, through the joints
+    expected = min(chain.model.settings.max_slices, len(truth))  # at most max_slices of the demo pack, through the joints
+    assert abs(len(analysed) - expected) <= 3 and len(set(analysed) & truth) >= 0.85 * expected
     scores = [s.value for s in result.image_scores]
     assert len(scores) == 4 and scores == sorted(scores, reverse=True)
     assert len(result.maps) == 3 and all(m.meaning is MapMeaning.GRAD_CAM and m.values.shape == (512, 512) for m in result.maps)
     assert {m.source.sop_instance_uid for m in result.maps} <= set(analysed)
     assert max(float(m.values.max()) for m in result.maps) <= finding.probability + 1e-6
-    box = chain.model.settings.crop_mm / float(datasets[0].PixelSpacing[0])
-    for heat in result.maps:  # zero outside the crop around the joints
+    settings = chain.model.settings
+    height, width = (float(mm) / float(datasets[0].PixelSpacing[0]) for mm in (settings.crop_height_mm, settings.crop_mm))
+    for heat in result.maps:  # zero outside the flat crop around the joints
         rows, cols = np.nonzero(heat.values)
-        assert rows.size == 0 or (rows.max() - rows.min() <= box + 2 and cols.max() - cols.min() <= box + 2)
+        assert rows.size == 0 or (rows.max() - rows.min() <= height + 2 and cols.max() - cols.min() <= width + 2)
     outputs = chain.produce(_inputs(files))
     sr, sc, pm = "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.30"
     assert [str(ds.SOPClassUID) for ds in outputs] == [sr, sc, sc, sc, pm, pm, pm]
@@ -352,6 +355,56 @@ def test_chain_says_why_it_did_not_analyse(random_pack: Path, ct_phantom: tuple[
     assert result.not_analysed is not None and "mm apart" in result.not_analysed.detail
     with pytest.raises(ValueError, match="unknown option"):
         _chain(random_pack, top_k=3)
+
+
+@pytest.mark.parametrize(
+    ("thickness_mm", "coverage_mm", "fov_mm"),
+    [(0.6, 60.0, 170.0), (5.0, 100.0, None)],
+    ids=["0.6 mm, joints-only field of view", "5 mm, whole pelvis"],
+)
+def test_slices_from_0_6_to_5_mm_are_selected_and_analysed(random_pack: Path, tmp_path: Path, thickness_mm: float, coverage_mm: float, fov_mm: float | None) -> None:
+    """The issue's range of slice thickness: the thinnest (0.6 mm, in a small joints-only field so the
+    test stays cheap) and the thickest (5 mm) the chain accepts; past 5.5 mm: test_chain_says_why_it_did_not_analyse."""
+    study = ct_with_slices(34, thickness_mm, coverage_mm, fov_mm, matrix=256)
+    (_, datasets), = study.series
+    assert float(datasets[0].SliceThickness) == thickness_mm
+    anatomy = study.masks["CT_anatomy"]
+    truth = {str(ds.SOPInstanceUID) for i, ds in enumerate(datasets) if (anatomy[i] == 4).any() and (anatomy[i] == 5).any()}
+    volume = read_volume(list(datasets), PUBLISHED)
+    found = {str(volume.datasets[i].SOPInstanceUID) for i in volume.joints.indices}
+    assert found, volume.joints.reason
+    assert len(found & truth) >= 0.9 * len(truth) and len(found - truth) <= max(3, int(3.0 / thickness_mm))  # ≤ 3 mm beyond the clefts
+    result = _chain(random_pack, gradcam_slices=1).run(_inputs(_write_series(list(datasets), tmp_path / "ct")))
+    assert result.not_analysed is None and len(result.findings) == 1
+    assert {str(ds.SOPInstanceUID) for ds in result.sources} <= found
+
+
+def test_heatmap_background_is_the_bone_window_whatever_window_the_series_carries(ct_phantom: tuple[list[Dataset], list[bool]], random_pack: Path, tmp_path: Path) -> None:
+    """The Grad-CAM SC shows its source in the pack's bone window (C 400 / W 1800 HU), not in the
+    soft-tissue window the series says: bone keeps its grey levels instead of turning white."""
+    from pipeline.encode import encode_result
+    from pipeline.encode.render import TRANSPARENT_BELOW, linear_window
+
+    datasets, _ = ct_phantom
+    soft = [copy.deepcopy(ds) for ds in datasets]
+    for ds in soft:
+        ds.WindowCenter, ds.WindowWidth = 40, 400
+    chain = _chain(random_pack, gradcam_slices=1)
+    result = chain.run(_inputs(_write_series(soft, tmp_path / "ct")))
+    (heat,) = result.maps
+    assert heat.display_window == (400.0, 1800.0) and "bone window C 400 / W 1800 HU" in (heat.caption or "")
+    with pytest.raises(ValueError, match="display_window"):
+        replace(heat, display_window=(400.0, 0.0))
+    sc = next(ds for ds in encode_result(result) if ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7")
+    source = next(ds for ds in soft if ds.SOPInstanceUID == heat.source.sop_instance_uid)
+    hu = source.pixel_array * float(source.RescaleSlope) + float(source.RescaleIntercept)
+    rows, cols = hu.shape
+    rgb = sc.pixel_array[:rows, :cols].astype(float)
+    clear = heat.values < TRANSPARENT_BELOW  # no colour over these pixels: the grey background alone
+    assert np.allclose(rgb[clear][:, 0], np.round(255 * linear_window(hu, 400.0, 1800.0))[clear], atol=1)
+    marrow = clear & (hu > 150) & (hu < 400)
+    assert marrow.sum() > 500 and 80 < rgb[marrow][:, 0].mean() < 140  # bone in grey (~0.43), not white as at W 400
+    assert np.round(255 * linear_window(hu, 40.0, 400.0))[marrow].mean() > 230  # near white: what the series' own window shows
 
 
 # --- the committed demonstration pack ---------------------------------------------------------------
@@ -402,11 +455,12 @@ def test_train_and_evaluate_through_the_cli_on_four_phantoms(tmp_path: Path) -> 
     training = json.loads((pack.folder / "training.json").read_text())
     split = training["split"]
     assert sorted(split["training"] + split["validation"]) == [f"SYNTH-{s}" for s in sorted(specs)] and split["validation"]
-    assert set(training["phases"]) == {RESNEXT, INCEPTION}
+    assert set(training["phases"]) == {RESNEXT}  # the demonstration default: ResNeXt alone
+    assert pack.manifest.architecture.hyperparameters["aggregation"]["top_k"] in (1, 2, 3)  # chosen on validation
     assert "2 with sacroiliitis on CT" in pack.manifest.training_data
     assert main(["evaluate", str(pack.folder), "--data", str(tmp_path / "data"), "--json"]) == 0
     report = json.loads((pack.folder / "evaluation.json").read_text())
-    assert set(report["outputs"]) == {"sacroiliitis", RESNEXT, INCEPTION}
+    assert set(report["outputs"]) == {"sacroiliitis"}
     assert {c["study"] for c in report["cases"]} == {f"SYNTH-{s}" for s in specs}
     assert (pack.folder / "roc.png").stat().st_size > 0
     assert load_pack(pack.folder).manifest.evaluation["held_out"]["studies"] == 4

@@ -309,16 +309,14 @@ def test_worker_dies_with_its_service_and_leftover_tmp_files_go(tmp_path: Path) 
 def test_association_slots_keep_room_for_configured_peers() -> None:
     """Item 3: the last reserved_peer_associations slots and the per-address quota hold only
     for callers that are not configured peers."""
-    from types import SimpleNamespace
-
     from node.admission import AdmissionPolicy
     from node.config import ReceiverConfig
 
     settings = ReceiverConfig(max_associations=4, limits={"reserved_peer_associations": 1, "max_associations_per_source": 2})
     policy = AdmissionPolicy(settings, peer_ae_titles=[PEER_AET])
 
-    def established(*addresses: str) -> list:
-        return [SimpleNamespace(requestor=SimpleNamespace(address=a)) for a in addresses]
+    def established(*addresses: str) -> list[str]:
+        return list(addresses)
 
     assert policy.slot_refusal("MODALITY", "10.0.0.1", established("10.0.0.2", "10.0.0.3")) is None
     assert "reserved" in policy.slot_refusal("MODALITY", "10.0.0.1", established("10.0.0.2", "10.0.0.3", "10.0.0.4"))

@@ -18,8 +18,10 @@ from pipeline.chains.t1stir_3d.inference import (
     TASKS,
     GradCAMExplainer,
     build_networks,
+    classifier_input,
     load_networks,
     on_source_slice,
+    slice_points,
 )
 from pipeline.chains.t1stir_3d.model import (
     PUBLISHED_CLASSIFIER,
@@ -31,10 +33,13 @@ from pipeline.chains.t1stir_3d.model import (
     build_denoiser,
 )
 from pipeline.chains.t1stir_3d.preprocess import (
+    PUBLISHED_PREPROCESSING,
     ClipUpperQuantile,
     N4BiasFieldCorrection,
     NoOverlapError,
     SemicoronalGrid,
+    classifier_field,
+    classifier_transform,
     prepare_pair,
     volume_from_datasets,
 )
@@ -173,8 +178,35 @@ def test_volumes_carry_dicom_geometry_and_the_grid_maps_back_to_source_pixels(st
     middle = len(ordered) // 2
     slab = int(round(grid.voxel_of(np.asarray([float(v) for v in ordered[middle].ImagePositionPatient]))[0]))
     cam[slab] = 1.0
-    assert on_source_slice(cam, grid, ordered[middle]).max() > 0.5
-    assert on_source_slice(cam, grid, ordered[0]).max() == 0.0
+    assert on_source_slice(cam, grid, ordered[middle], PUBLISHED_PREPROCESSING).max() > 0.5
+    assert on_source_slice(cam, grid, ordered[0], PUBLISHED_PREPROCESSING).max() == 0.0
+
+
+def test_a_classifier_crop_is_the_grid_centre_and_grad_cam_maps_back_through_it(study) -> None:
+    settings = {**TINY_PREPROCESSING, "classifier_crop": [32, 24], "classifier_size": [8, 16, 12]}
+    assert classifier_field(settings) == ((0, 8, 12), (12, 32, 24))
+    assert classifier_field(TINY_PREPROCESSING) == ((0, 0, 0), (12, 48, 48))
+    with pytest.raises(ValueError, match="does not fit"):
+        classifier_field({**settings, "classifier_crop": [64, 24]})
+    # the transform crops the centre, then resizes: a marker outside the crop is gone, one inside stays
+    volume = np.zeros((12, 48, 48), dtype=np.float32)
+    volume[6, 2, 2] = 1000.0
+    assert classifier_transform(settings)(volume).shape == (1, 8, 16, 12)
+    assert float(classifier_transform(settings)(volume).abs().max()) == 0.0
+    # a marker in the grid, through the classifier's crop and resize as a "map", lands back on the
+    # source pixel at the marker's place
+    ordered, image = volume_from_datasets(study["T1"])
+    grid = SemicoronalGrid.centred_on(image, settings["grid_size"], settings["grid_spacing_mm"])
+    middle = ordered[len(ordered) // 2]
+    slab = int(round(grid.voxel_of(np.asarray([float(v) for v in middle.ImagePositionPatient]))[0]))
+    marker = np.zeros((12, 48, 48), dtype=np.float32)
+    marker[slab, 20:24, 15:19] = 1.0  # inside the crop (rows 8-39, columns 12-35)
+    cam = classifier_transform({**settings, "classifier_size": [12, 32, 24]})(marker)[0].numpy()
+    cam = (cam - cam.min()) / (cam.max() - cam.min())
+    on_slice = on_source_slice(cam, grid, middle, settings)
+    peak = np.unravel_index(int(np.argmax(on_slice)), on_slice.shape)
+    where = grid.voxel_of(slice_points(middle)[peak])
+    assert 19.0 <= where[1] <= 25.0 and 14.0 <= where[2] <= 20.0, where
 
 
 def test_preprocessing_clips_corrects_and_refuses_series_that_do_not_overlap(study) -> None:
@@ -194,6 +226,28 @@ def test_preprocessing_clips_corrects_and_refuses_series_that_do_not_overlap(stu
         dataset.ImagePositionPatient = [position[0] + 400.0, position[1], position[2]]
     with pytest.raises(NoOverlapError, match="do not overlap"):
         prepare_pair(study["T1"], moved, TINY_PREPROCESSING)
+
+
+def test_a_pack_without_denoisers_feeds_the_grid_volumes_to_the_classifiers(tmp_path: Path) -> None:
+    from pipeline.chains.t1stir_3d.importer import published_manifest
+    from pipeline.packs import PackError, write_pack
+
+    architecture = {"classifier": TINY_CLASSIFIER, "denoiser": None}
+    networks = build_networks(architecture)
+    assert networks.denoisers == {} and not any(k.startswith("denoiser") for k in networks.state_dict())
+    volumes = {"T1": np.random.default_rng(0).normal(size=(12, 48, 48)).astype(np.float32), "STIR": np.ones((12, 48, 48), dtype=np.float32)}
+    volumes["STIR"][:, :, 24:] = 3.0
+    x = classifier_input(volumes, networks.denoisers, TINY_PREPROCESSING)
+    for index, sequence in enumerate(SEQUENCES):
+        assert torch.allclose(x[0, index : index + 1], classifier_transform(TINY_PREPROCESSING)(volumes[sequence]))
+    manifest = published_manifest({}, {}, architecture=architecture, preprocessing=TINY_PREPROCESSING)
+    pack = write_pack(tmp_path / "pack", {**manifest, "name": "t1stir-3d-test", "demo": True}, networks.state_dict())
+    loaded = load_networks(load_pack(pack.folder, chain="t1stir-3d"))
+    assert loaded.denoisers == {} and set(loaded.classifiers) == set(TASKS)
+    # denoiser weights in a pack that declares none are refused
+    extra = {**networks.state_dict(), **{f"denoiser_t1.{k}": v for k, v in build_denoiser(TINY_DENOISER).state_dict().items()}}
+    with pytest.raises(PackError, match="unexpected weights"):
+        load_networks(pack, extra)
 
 
 def _fastai_files(folder: Path, classifier: dict, denoiser: dict, seed: int = 3) -> tuple[dict, dict, dict]:
@@ -330,3 +384,4 @@ def test_routing_gives_the_chain_a_study_without_stir_so_it_can_say_why() -> Non
     assert plan.jobs[0].inputs == {"t1": "1.1"} and "without optional stir" in plan.lines[0]
     plan = plan_routing([stir], [spec])
     assert not plan.jobs and "needs t1" in plan.lines[0]
+

@@ -80,6 +80,8 @@ class RuntimeSettings:
     # "fp32" (exact) or "bf16": forward passes under bf16 autocast, an optional faster mode on
     # CPUs with AMX / AVX512-BF16 whose deviation is measured in bench/README.md.
     precision: str = "fp32"
+    # How forward passes run: "eager" or a prepared runtime (pipeline.chains.base.PreparedNetwork).
+    runtime: str = "eager"
 
 
 class Chain(Protocol):

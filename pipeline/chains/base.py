@@ -54,6 +54,89 @@ def inference_context() -> Iterator[None]:
             yield
 
 
+#: how forward passes run (RuntimeSettings.runtime), see ``prepared``
+RUNTIMES = ("eager", "torchscript", "onednn", "channels_last", "compile", "onnxruntime")
+_runtime = "eager"
+
+
+def set_runtime(runtime: str) -> None:
+    """Set the runtime of the networks ``prepared`` builds from now on in this process."""
+    global _runtime
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    _runtime = runtime
+
+
+class PreparedNetwork:
+    """A network in eval mode whose forward passes run in the worker's runtime (``set_runtime``).
+
+    Each input shape is prepared once, on its first call (tracing, freezing, compiling or
+    exporting takes seconds; windows and crops keep their shapes, so it is paid once per worker):
+
+    * ``eager``: the module itself (the reference);
+    * ``torchscript``: traced and frozen (constants folded, conv + batch norm merged);
+    * ``onednn``: frozen, then ``torch.jit.optimize_for_inference`` (oneDNN layouts and fusions);
+    * ``channels_last``: a copy in channels-last memory format;
+    * ``compile``: ``torch.compile`` (inductor; needs a C++ compiler, minutes to compile);
+    * ``onnxruntime``: exported to ONNX and run by ONNX Runtime's CPU provider (extra ``onnx``).
+
+    All are fp32; bench/xr_anatomy measures their speed and deviation (bench/README.md). Only
+    forward passes: Grad-CAM needs the eager module's gradients.
+    """
+
+    def __init__(self, module: Any, runtime: str | None = None) -> None:
+        self.module = module.eval()
+        self.runtime = runtime or _runtime
+        self._prepared: dict[tuple[int, ...], Any] = {}
+
+    def __call__(self, x: Any) -> Any:
+        if self.runtime == "eager":
+            return self.module(x)
+        run = self._prepared.get(tuple(x.shape))
+        if run is None:
+            run = self._prepared[tuple(x.shape)] = self._prepare(x)
+        return run(x)
+
+    def _prepare(self, example: Any) -> Any:
+        import copy
+
+        import torch
+
+        if self.runtime in ("torchscript", "onednn"):
+            with torch.no_grad():
+                traced = torch.jit.trace(self.module, example.detach().clone(), check_trace=False)
+                script = torch.jit.optimize_for_inference(traced) if self.runtime == "onednn" else torch.jit.freeze(traced.eval())
+            return script
+        if self.runtime == "channels_last":
+            last = copy.deepcopy(self.module).to(memory_format=torch.channels_last)
+            return lambda x: last(x.contiguous(memory_format=torch.channels_last)).contiguous()
+        if self.runtime == "compile":
+            return torch.compile(self.module)
+        return _onnx_session(self.module, example)
+
+
+def _onnx_session(module: Any, example: Any) -> Any:
+    """``module`` exported to ONNX (fixed input shape) and run by ONNX Runtime on the CPU threads torch uses."""
+    import io
+
+    import onnxruntime
+    import torch
+
+    buffer = io.BytesIO()
+    with torch.no_grad():
+        torch.onnx.export(module, (example.detach().clone(),), buffer, dynamo=False, opset_version=17, input_names=["x"])
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+
+    def run(x: Any) -> Any:
+        (output, *_) = session.run(None, {"x": x.detach().cpu().numpy()})
+        return torch.from_numpy(output)
+
+    return run
+
+
 def set_precision(precision: str, device: str = "cpu") -> None:
     """Set the precision of ``inference_context`` in this process: "fp32" (default) or "bf16"."""
     global _precision
@@ -109,6 +192,7 @@ class ModelChain(ABC):
         self.device = select_device(runtime.device)
         torch.set_num_threads(runtime.torch_threads)
         set_precision(runtime.precision, self.device)
+        set_runtime(runtime.runtime)
         self.timings: dict[str, float] = {}
         self.build(self.pack.load_state_dict())
 

@@ -116,7 +116,7 @@ def heatmap_image(
     caption = map_caption(heat, source)
     lines = burned_in_lines(provenance, result.findings, caption)
     rgb, _ = render_heatmap(
-        display_grayscale(source, heat.source.frame),
+        display_grayscale(source, heat.source.frame, heat.display_window),
         heat.values,
         lines,
         categories=[(c.value, c.label) for c in heat.categories],

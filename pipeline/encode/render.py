@@ -62,17 +62,23 @@ def _first(value: object) -> float:
     )
 
 
-def display_grayscale(source: Dataset, frame: int | None = None) -> np.ndarray:
+def display_grayscale(source: Dataset, frame: int | None = None, window: tuple[float, float] | None = None) -> np.ndarray:
     """The source as a reader first sees it, in [0, 1]: rescaled, windowed, MONOCHROME1 inverted.
 
-    Without pixel data (a header-only source), the background is black and a warning is logged.
+    ``window``: (centre, width) in modality units, instead of the source's own (a chain's
+    ``Map.display_window``). Without pixel data (a header-only source), the background is black
+    and a warning is logged.
     """
     rows, columns = int(source.Rows), int(source.Columns)
     pixels = source_frame(source, frame)
     if pixels is None:
         log.warning("source %s has no pixel data; heatmap drawn on black", source.SOPInstanceUID)
         return np.zeros((rows, columns))
-    return voi_grayscale(np.asarray(apply_modality_lut(pixels, source), dtype=np.float64), source)
+    values = np.asarray(apply_modality_lut(pixels, source), dtype=np.float64)
+    if window is None:
+        return voi_grayscale(values, source)
+    gray = linear_window(values, *window)
+    return 1.0 - gray if source.get("PhotometricInterpretation") == "MONOCHROME1" else gray
 
 
 def voi_grayscale(values: np.ndarray, dataset: Dataset) -> np.ndarray:

@@ -8,7 +8,8 @@ one study probability by the rule in :mod:`.inference` (one noisy slice cannot f
 Finding: sacroiliitis, site sacroiliac joint, patient level: the seed has no per-side output,
 so the finding carries no side. The SR lists the analysed slices (its image library), the
 ``report_slices`` most suspicious slices with their probabilities, and the Grad-CAM of the last
-convolutional stage on the ``gradcam_slices`` most suspicious slices as heatmaps.
+convolutional stage on the ``gradcam_slices`` most suspicious slices as heatmaps, drawn on the
+source slice in the pack's bone window (``Map.display_window``), whatever window the series carries.
 
 A series whose joints are not found, that is not one stack of slices, or whose slices are
 further apart than the chain supports, gets a "not analysed" result with the reason, never a guess.
@@ -42,7 +43,7 @@ from pipeline.results import (
     Site,
 )
 
-from .inference import OUTPUT, Analysis, CTSlicesModel, study_probability
+from .inference import OUTPUT, Analysis, CTSlicesModel, aggregation_rule, study_probability
 from .preprocess import slice_spacing_mm
 
 INPUT_KEY = "ct"
@@ -50,8 +51,8 @@ INPUT_KEY = "ct"
 MAX_SLICE_SPACING_MM = 5.5
 PATIENT_LEVEL_NOTE = (
     "One probability for the patient (both sacroiliac joints together): the model classifies whole slices "
-    "and does not decide a side. The study probability is the mean of the most suspicious slices' "
-    "probabilities after the single highest is set aside, so one slice cannot decide it."
+    "and does not decide a side. The study probability comes from the most suspicious slices with the "
+    "single highest set aside, so one slice cannot decide it."
 )
 
 
@@ -102,6 +103,7 @@ class CTSlicesChain(ModelChain):
         )
         scores = [ImageScore(ImageRef.of(sources[i]), float(analysis.slice_probabilities[i]), concept("probability")) for i in top]
         maps = []
+        window = (self.model.settings.window_center, self.model.settings.window_width)  # the networks' bone window, as the paper reads CT
         for rank, position in enumerate(ranking):
             index = volume.selected[position]
             if index in analysis.gradcam:
@@ -112,8 +114,10 @@ class CTSlicesChain(ModelChain):
                         MapMeaning.GRAD_CAM,
                         caption=(
                             f"Grad-CAM (last convolutional stage), slice {rank + 1} of {len(sources)} by probability "
-                            f"(slice p = {analysis.slice_probabilities[position]:.3f}), scaled by the study probability"
+                            f"(slice p = {analysis.slice_probabilities[position]:.3f}), scaled by the study probability; "
+                            f"bone window C {window[0]:g} / W {window[1]:g} HU"
                         ),
+                        display_window=window,
                     )
                 )
         return ChainResult(
@@ -130,7 +134,7 @@ class CTSlicesChain(ModelChain):
         hyper = self.pack.manifest.architecture.hyperparameters
         parameters: dict[str, object] = {
             "model": hyper["model"],
-            "aggregation": f"mean of the top {self.model.top_k} slice probabilities after the highest is set aside",
+            "aggregation": aggregation_rule(self.model.top_k),
             "joint slices found": len(volume.joints.indices),
             "slices analysed": len(volume.selected),
             "crop box rc": volume.box.as_list() if volume.box else "",

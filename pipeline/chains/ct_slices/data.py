@@ -4,8 +4,10 @@ The label: **sacroiliitis on CT** = definite structural change CT shows, i.e. a 
 York grade of at least 2 on either side (a non-mild erosion or sclerosis, ankylosis, or a
 narrowed or widened joint). Hard negatives are in the mix on purpose: only mild ("suspicious")
 erosions or sclerosis (grade 1), fat lesions, and bone marrow edema (which CT does not show).
-A slice is labelled positive when it crosses a lesion that makes its study positive (the
-phantom's ground truth lists the slices each lesion is on).
+A slice is labelled positive when a lesion that makes its study positive covers at least
+:data:`MIN_LESION_MM2` of it (from the phantom's lesion masks, ``masks.npz``); a slice the lesion
+only grazes (its soft edge, a few square millimetres that no reader would call) is *ambiguous*
+and left out of training, neither positive nor negative. Every other slice is negative.
 
 ``train`` and ``evaluate`` read any folder ``sijnode phantom --kinds ct`` writes
 (``SYNTH-NNNN/<NNN>_CT/*.dcm`` + ``ground_truth.json``).
@@ -21,9 +23,12 @@ from pathlib import Path
 import numpy as np
 from pydicom import Dataset, dcmread
 
-from pipeline.phantom.study import phantom_study_folders
+from pipeline.phantom.study import MASK_FILE, phantom_study_folders
 
 DEFINITE_TYPES = ("erosion", "sclerosis", "ankylosis", "narrowing", "widening")
+#: the least lesion area (mm²) on a slice for the slice to be labelled positive: an erosion of
+#: 3-7 mm covers 10-35 mm² where it is cut through, its soft edge a few mm² on the next slice
+MIN_LESION_MM2 = 10.0
 
 # (grade one side, grade other side, extra non-structural lesion): relative frequency; half negative,
 # most of those hard (grade 1, fat, edema), half positive, most of those unilateral.
@@ -74,7 +79,8 @@ class PhantomCT:
     folder: Path
     files: tuple[Path, ...]
     positive: bool  # sacroiliitis on CT (module docstring)
-    positive_slices: frozenset[str]  # SOP Instance UIDs of slices crossing a positive lesion
+    positive_slices: frozenset[str]  # SOP Instance UIDs of slices a positive lesion covers >= MIN_LESION_MM2 of
+    ambiguous_slices: frozenset[str]  # slices a positive lesion only grazes (left out of training)
     positive_sides: tuple[str, ...]  # patient sides with a positive lesion
     patient_id: str
     seed: int
@@ -95,17 +101,36 @@ def read_study(folder: Path) -> PhantomCT | None:
     grades = truth["mny_grade"]
     positive = max(grades.values()) >= 2
     lesions = [lesion for lesion in truth["lesions"] if positive_lesion(lesion)] if positive else []
-    slices = frozenset(uids[i] for lesion in lesions for i in lesion.get("slices", {}).get("CT", []))
+    areas = _lesion_areas_mm2(folder, series, lesions)
+    slices = frozenset(uids[i] for i, area in areas.items() if area >= MIN_LESION_MM2)
+    ambiguous = frozenset(uids[i] for i, area in areas.items() if area < MIN_LESION_MM2)
     return PhantomCT(
         folder=folder,
         files=files,
         positive=positive,
         positive_slices=slices,
+        ambiguous_slices=ambiguous,
         positive_sides=tuple(sorted({lesion["side"] for lesion in lesions})),
         patient_id=str(truth["patient_id"]),
         seed=int(truth["seed"]),
         hard_negative=not positive and bool(truth["lesions"]),
     )
+
+
+def _lesion_areas_mm2(folder: Path, series: dict, lesions: list[dict]) -> dict[int, float]:
+    """Per CT slice index that ``lesions`` are on (ground truth), the area they cover in mm².
+
+    From the phantom's lesion masks (one bit per lesion); a study written without masks falls
+    back to the ground truth's slice lists, every listed slice counting as covered."""
+    listed = sorted({i for lesion in lesions for i in lesion.get("slices", {}).get("CT", [])})
+    masks_file = folder / MASK_FILE
+    if not listed or not masks_file.is_file():
+        return {i: float("inf") for i in listed}
+    with np.load(masks_file) as masks:
+        bits = masks[f"{series['role']}_lesions"][listed]
+    bitmask = sum(1 << int(lesion["mask_bit"]) for lesion in lesions)
+    pixel_mm2 = float(np.prod(series["pixel_spacing"]))
+    return {i: float(((plane & bitmask) > 0).sum()) * pixel_mm2 for i, plane in zip(listed, bits)}
 
 
 def find_studies(data: Path) -> list[PhantomCT]:

@@ -41,6 +41,13 @@ def _untimed(step: str) -> AbstractContextManager[Any]:
     return nullcontext()
 
 
+def aggregation_rule(k: int) -> str:
+    """The slice → study rule for ``k`` in words (SR parameters, manifest)."""
+    if k == 1:
+        return "the second-highest slice probability (the highest is set aside)"
+    return f"the mean of the top {k} slice probabilities after the highest is set aside"
+
+
 def study_probability(slice_probabilities: Sequence[float], k: int = DEFAULT_TOP_K) -> float:
     """The slice → study rule of the module docstring: mean of ranks 2..k+1, or the median of ≤ k slices."""
     ranked = sorted((float(p) for p in slice_probabilities), reverse=True)

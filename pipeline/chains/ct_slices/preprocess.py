@@ -6,13 +6,18 @@ Fu et al. (2024) say only that images were "standardized" and contrast-enhanced;
 1. slices in patient order along the slice normal (ImagePositionPatient; shared with t2fs-mil);
 2. Hounsfield units through the modality LUT;
 3. the slices through the joints (:mod:`.joints`), at most ``max_slices`` of them, evenly spaced;
-4. a square field of ``crop_mm`` millimetres around the joints' structure (one centre per study),
-   padded with air where it leaves the image; ``crop_mm: null`` keeps the whole slice, as the
-   paper's 512×512 images were. The demonstration pack crops, so that its small input keeps
-   millimetre detail;
+4. a field of ``crop_mm`` millimetres wide (image columns: left-right on an axial slice) by
+   ``crop_height_mm`` high (rows: antero-posterior;
+   absent: square) around the joints' structure (one centre per study), padded with air where
+   it leaves the image; ``crop_mm: null`` keeps the whole slice, as the paper's 512×512 images
+   were. The demonstration pack crops, so that its small input keeps millimetre detail: the
+   joints and their subchondral bone lie within about ±70 mm left-right and -35/+45 mm
+   antero-posterior of that centre (measured on the phantoms), so a wide, flat field spends
+   no pixels on the pelvis in front of and behind them;
 5. a bone window (``window.center``/``window.width`` HU) to [0, 1];
 6. resize to the network's input (224 for ResNeXt-50, 299 for Inception-v4 published), bilinear
-   with anti-aliasing;
+   with anti-aliasing; ``input_size`` is the width, and a flat crop keeps its aspect ratio
+   (height = width × crop_height_mm / crop_mm; both networks pool globally, so any height works);
 7. three identical channels: the paper's "random RGB shift" augmentation implies RGB input;
 8. per-channel normalisation with each network's mean and standard deviation (ImageNet's for
    ResNeXt-50, 0.5/0.5 for Inception-v4, the layouts their checkpoints are trained in).
@@ -71,6 +76,13 @@ class Settings:
     crop_mm: float | None
     max_slices: int
     normalization: Mapping[str, tuple[tuple[float, ...], tuple[float, ...]]]
+    crop_height_mm: float | None = None  # None: a square crop of crop_mm
+
+    def input_shape(self, size: int) -> tuple[int, int]:
+        """(rows, columns) of a network input ``size`` wide: the crop's aspect ratio (step 6)."""
+        if self.crop_mm is None or self.crop_height_mm is None:
+            return size, size
+        return max(1, int(round(size * self.crop_height_mm / self.crop_mm))), size
 
     @classmethod
     def from_manifest(cls, preprocessing: Mapping[str, Any]) -> Settings:
@@ -80,11 +92,17 @@ class Settings:
             raise ValueError("this chain feeds the networks three channels")
         window = preprocessing["window"]
         crop = preprocessing.get("crop_mm")
+        height = preprocessing.get("crop_height_mm")
+        if height is not None and crop is None:
+            raise ValueError("crop_height_mm needs crop_mm (the crop's width)")
         norms = {
             name: (tuple(float(v) for v in values["mean"]), tuple(float(v) for v in values["std"]))
             for name, values in preprocessing["normalization"].items()
         }
-        return cls(float(window["center"]), float(window["width"]), None if crop is None else float(crop), int(preprocessing["max_slices"]), norms)
+        return cls(
+            float(window["center"]), float(window["width"]), None if crop is None else float(crop), int(preprocessing["max_slices"]),
+            norms, None if height is None else float(height),
+        )
 
 
 @dataclass(frozen=True)
@@ -139,10 +157,14 @@ def evenly_spaced(indices: Sequence[int], limit: int) -> tuple[int, ...]:
     return tuple(indices[int(i)] for i in picks)
 
 
-def crop_box(center_rc: tuple[float, float], spacing: tuple[float, float], shape: tuple[int, int], crop_mm: float | None) -> Box:
+def crop_box(
+    center_rc: tuple[float, float], spacing: tuple[float, float], shape: tuple[int, int], crop_mm: float | None, crop_height_mm: float | None = None
+) -> Box:
+    """The crop around ``center_rc``: ``crop_mm`` wide (columns), ``crop_height_mm`` high (rows; None: square)."""
     if crop_mm is None:
         return Box(0, 0, shape[0], shape[1])
-    rows, cols = (max(1, int(round(crop_mm / s))) for s in spacing)
+    height = crop_mm if crop_height_mm is None else crop_height_mm
+    rows, cols = max(1, int(round(height / spacing[0]))), max(1, int(round(crop_mm / spacing[1])))
     return Box(int(round(center_rc[0] - rows / 2)), int(round(center_rc[1] - cols / 2)), rows, cols)
 
 
@@ -176,7 +198,7 @@ def read_volume(datasets: Sequence[Dataset], settings: Settings) -> Volume:
     selected = evenly_spaced(joints.indices, settings.max_slices)
     first = ordered[selected[0]]
     spacing = (float(first.PixelSpacing[0]), float(first.PixelSpacing[1]))
-    box = crop_box(joints.center_rc(), spacing, hu[selected[0]].shape, settings.crop_mm)
+    box = crop_box(joints.center_rc(), spacing, hu[selected[0]].shape, settings.crop_mm, settings.crop_height_mm)
     return Volume(ordered, hu, joints, selected, box)
 
 
@@ -190,13 +212,13 @@ def windowed(hu: np.ndarray, box: Box, settings: Settings) -> np.ndarray:
 
 
 def network_input(images: np.ndarray, size: int, network: str, settings: Settings) -> torch.Tensor:
-    """Steps 6-8: (n, H, W) windowed crops → (n, 3, size, size), normalised for ``network``."""
+    """Steps 6-8: (n, H, W) windowed crops → (n, 3, rows, size), normalised for ``network`` (rows: :meth:`Settings.input_shape`)."""
     from monai.transforms import Compose, NormalizeIntensity, RepeatChannel, Resize
 
     mean, std = settings.normalization[network]
     transform = Compose(
         [
-            Resize((size, size), mode="bilinear", align_corners=False, anti_aliasing=True),
+            Resize(settings.input_shape(size), mode="bilinear", align_corners=False, anti_aliasing=True),
             RepeatChannel(repeats=3),
             NormalizeIntensity(subtrahend=np.asarray(mean), divisor=np.asarray(std), channel_wise=True),
         ]

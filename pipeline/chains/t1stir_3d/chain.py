@@ -84,7 +84,7 @@ class T1STIR3DChain(ModelChain):
                 for task, explainer in self.explainers.items():
                     for sequence, cam in explainer.maps(volumes).items():
                         ordered = pair.series[sequence].datasets
-                        for rank, (index, values) in enumerate(most_informative(cam, pair.grid, ordered, self.settings["top_k"]), start=1):
+                        for rank, (index, values) in enumerate(most_informative(cam, pair.grid, ordered, self.settings["top_k"], self.preprocessing), start=1):
                             source = ImageRef.of(ordered[index])
                             evidence[task].append(source)
                             maps.append(

@@ -22,7 +22,7 @@ import numpy as np
 from pydicom import Dataset, dcmread
 
 from pipeline.chains.t1stir_3d.model import SEQUENCES
-from pipeline.chains.t1stir_3d.preprocess import REQUIRED_KEYS, PreparedPair, prepare_pair
+from pipeline.chains.t1stir_3d.preprocess import GRID_KEYS, PreparedPair, prepare_pair
 from pipeline.evaluation import phantom_subgroups
 from pipeline.phantom.study import GROUND_TRUTH_FILE, phantom_study_folders
 from pipeline.training import seed_ranges
@@ -64,7 +64,7 @@ class Case:
         """
         path = None
         if cache is not None:
-            key = hashlib.sha256(json.dumps({k: settings[k] for k in REQUIRED_KEYS}, sort_keys=True).encode()).hexdigest()[:12]
+            key = hashlib.sha256(json.dumps({k: settings[k] for k in GRID_KEYS}, sort_keys=True).encode()).hexdigest()[:12]
             path = Path(cache) / f"{self.study}-{self.seed}-{key}.npz"
             if path.is_file():
                 with np.load(path) as stored:

@@ -30,6 +30,7 @@ from pipeline.chains.t1stir_3d.preprocess import (
     REQUIRED_KEYS,
     SemicoronalGrid,
     ZScore,
+    classifier_field,
     classifier_transform,
 )
 from pipeline.packs import ModelPack, PackError
@@ -85,9 +86,14 @@ class Networks:
 
 
 def build_networks(architecture: Mapping[str, Any], tasks: Sequence[str] = tuple(TASKS)) -> Networks:
-    """Fresh networks from a manifest's ``architecture.hyperparameters`` (``classifier``, ``denoiser``)."""
+    """Fresh networks from a manifest's ``architecture.hyperparameters`` (``classifier``, ``denoiser``).
+
+    ``denoiser: null`` declares a pack without denoisers (a demonstration deviation: the grid
+    volumes go to the classifiers as they are); published and imported packs always have both.
+    """
+    denoiser = architecture["denoiser"]
     return Networks(
-        denoisers={sequence: build_denoiser(architecture["denoiser"]) for sequence in SEQUENCES},
+        denoisers={} if denoiser is None else {sequence: build_denoiser(denoiser) for sequence in SEQUENCES},
         classifiers={task: build_classifier(architecture["classifier"]) for task in tasks},
     )
 
@@ -144,9 +150,9 @@ def denoise(denoiser: DenoisingUNet3D, grid_volume: np.ndarray) -> np.ndarray:
 
 
 def classifier_input(grid_volumes: Mapping[str, np.ndarray], denoisers: Mapping[str, DenoisingUNet3D], settings: Mapping[str, Any]) -> torch.Tensor:
-    """Denoise each sequence's grid volume with its own U-Net, resize and normalise: ``(1, 2, D, H, W)`` in :data:`SEQUENCES` order."""
+    """Denoise each sequence's grid volume with its own U-Net (if the pack has one), crop, resize and normalise: ``(1, 2, D, H, W)`` in :data:`SEQUENCES` order."""
     to_classifier = classifier_transform(settings)
-    volumes = [to_classifier(denoise(denoisers[s], grid_volumes[s])) for s in SEQUENCES]
+    volumes = [to_classifier(denoise(denoisers[s], grid_volumes[s]) if s in denoisers else grid_volumes[s]) for s in SEQUENCES]
     return torch.cat(volumes)[None]
 
 
@@ -216,18 +222,23 @@ def slice_points(dataset: Dataset) -> np.ndarray:
     return position + rows + columns
 
 
-def on_source_slice(cam: np.ndarray, grid: SemicoronalGrid, dataset: Dataset) -> np.ndarray:
-    """A map on the classifier grid (a resize of ``grid``) sampled (trilinear) on one source slice's pixels, in [0, 1]."""
-    index = grid.voxel_of(slice_points(dataset))  # grid (slice, row, column)
-    scale = np.asarray(cam.shape, dtype=float) / np.asarray(grid.size, dtype=float)
-    index = (index + 0.5) * scale - 0.5  # the resize's (align_corners=False) voxel centres
+def classifier_voxels(grid_index: np.ndarray, settings: Mapping[str, Any], shape: Sequence[int]) -> np.ndarray:
+    """Continuous grid indices ``(..., 3)`` as indices into a classifier input of ``shape`` (the crop, then the resize's voxel centres)."""
+    start, extent = classifier_field(settings)
+    scale = np.asarray(shape, dtype=float) / np.asarray(extent, dtype=float)
+    return (np.asarray(grid_index, dtype=float) - np.asarray(start, dtype=float) + 0.5) * scale - 0.5  # resize: align_corners=False
+
+
+def on_source_slice(cam: np.ndarray, grid: SemicoronalGrid, dataset: Dataset, settings: Mapping[str, Any]) -> np.ndarray:
+    """A map on the classifier input (a resize of the grid, or of its :func:`classifier_field`) sampled (trilinear) on one source slice's pixels, in [0, 1]."""
+    index = classifier_voxels(grid.voxel_of(slice_points(dataset)), {**settings, "grid_size": list(grid.size)}, cam.shape)
     values = ndimage.map_coordinates(cam, np.moveaxis(index, -1, 0), order=1, mode="constant", cval=0.0)
     return np.clip(values, 0.0, 1.0).astype(np.float32)
 
 
-def most_informative(cam: np.ndarray, grid: SemicoronalGrid, datasets: Sequence[Dataset], count: int) -> list[tuple[int, np.ndarray]]:
+def most_informative(cam: np.ndarray, grid: SemicoronalGrid, datasets: Sequence[Dataset], count: int, settings: Mapping[str, Any]) -> list[tuple[int, np.ndarray]]:
     """The ``count`` source slices on which the map carries the most weight: (index, map on that slice), best first."""
-    sampled = [on_source_slice(cam, grid, dataset) for dataset in datasets]
+    sampled = [on_source_slice(cam, grid, dataset, settings) for dataset in datasets]
     weight = [float(values.sum()) for values in sampled]
     order = np.argsort(weight, kind="stable")[::-1][:count]
     return [(int(i), sampled[int(i)]) for i in order if weight[int(i)] > 0]

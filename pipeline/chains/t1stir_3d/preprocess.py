@@ -15,7 +15,9 @@
    ``field_bias_correction``), on the whole grid without mask, as published.
 5. **Denoising U-Net** per sequence (the chain runs it; z-scored input as in spa's denoiser training).
 6. **Classifier input**: resized to 16×192×192 (trilinear, MONAI ``Resize``) and z-scored per
-   volume (MONAI ``NormalizeIntensity``).
+   volume (MONAI ``NormalizeIntensity``). A pack may declare ``classifier_crop`` (rows, columns of
+   the grid, centred: MONAI ``SpatialCrop`` before the resize); the published model sees the whole
+   grid, and :func:`classifier_field` tells Grad-CAM which part of the grid the classifier saw.
 
 Steps 2–4 and 6 are MONAI ``Transform`` objects composed with MONAI ``Compose``; SimpleITK does the
 resampling and N4 (MONAI has no N4). Voxel arrays are ``(slices, rows, columns)``.
@@ -30,7 +32,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 import torch
-from monai.transforms import Compose, NormalizeIntensity, Resize, Transform
+from monai.transforms import Compose, NormalizeIntensity, Resize, SpatialCrop, Transform
 from pydicom import Dataset
 
 from pipeline.chains.t2fs_mil.preprocess import order_slices, slice_normal, slice_pixels
@@ -52,6 +54,8 @@ PUBLISHED_PREPROCESSING: dict[str, Any] = {
 
 #: the keys a manifest's ``preprocessing`` must carry
 REQUIRED_KEYS = ("recipe", "grid_size", "grid_spacing_mm", "clip_upper_quantile", "n4", "classifier_size", "min_overlap")
+#: the keys that decide the grid volumes (steps 1-4): a cache of grid volumes is valid across the others
+GRID_KEYS = ("recipe", "grid_size", "grid_spacing_mm", "clip_upper_quantile", "n4", "min_overlap")
 
 
 class SeriesGeometryError(ValueError):
@@ -189,10 +193,34 @@ def grid_transform(settings: Mapping[str, Any]) -> Compose:
     return Compose([ClipUpperQuantile(float(settings["clip_upper_quantile"])), N4BiasFieldCorrection(settings["grid_spacing_mm"], int(n4["levels"]), int(n4["iterations"]), int(n4.get("shrink", 1)))])
 
 
+def classifier_field(settings: Mapping[str, Any]) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(start, size) in grid voxels ``(slice, row, column)`` of the part of the grid the classifier sees.
+
+    The whole grid unless the pack declares ``classifier_crop`` ``[rows, columns]``: then those
+    rows and columns around the grid's centre, every slice.
+    """
+    grid = tuple(int(v) for v in settings["grid_size"])
+    crop = settings.get("classifier_crop")
+    if crop is None:
+        return (0, 0, 0), grid  # type: ignore[return-value]
+    rows, columns = (int(v) for v in crop)
+    if not (0 < rows <= grid[1] and 0 < columns <= grid[2]):
+        raise ValueError(f"classifier_crop {list(crop)} does not fit in the grid {list(grid)}")
+    return (0, (grid[1] - rows) // 2, (grid[2] - columns) // 2), (grid[0], rows, columns)
+
+
 def classifier_transform(settings: Mapping[str, Any]) -> Compose:
-    """Step 6 on a denoised grid volume ``(slices, rows, columns)``: resize, z-score → ``(1, D, H, W)``."""
+    """Step 6 on a denoised grid volume ``(slices, rows, columns)``: crop (if declared), resize, z-score → ``(1, D, H, W)``."""
     size = tuple(int(v) for v in settings["classifier_size"])
-    return Compose([lambda v: torch.as_tensor(v, dtype=torch.float32)[None], Resize(size, mode="trilinear", align_corners=False), ZScore()])
+    start, extent = classifier_field(settings)
+    return Compose(
+        [
+            lambda v: torch.as_tensor(v, dtype=torch.float32)[None],
+            SpatialCrop(roi_start=start, roi_end=tuple(a + b for a, b in zip(start, extent, strict=True))),
+            Resize(size, mode="trilinear", align_corners=False),
+            ZScore(),
+        ]
+    )
 
 
 @dataclass
