@@ -24,6 +24,10 @@ The rules (checked when a result is built, so no chain, present or future, can b
 * **Not analysed is a result.** A chain that cannot analyse its input returns
   :meth:`ChainResult.not_analysed_result` with a :class:`NotAnalysed` reason; the summary
   uses the same :class:`NotAnalysed` for series no chain analysed.
+* **Contours are a model's output too.** A :class:`Contour` (a polyline on one source image,
+  e.g. a joint line the chain's network traced) carries a side only because the network traced
+  that side's joint; it is encoded as an SR spatial coordinate (SCOORD POLYLINE), never as a
+  finding.
 * **Maps mean the same across studies.** Evidence maps (Grad-CAM, attention) are scaled by the
   probability of the finding they explain (:func:`pipeline.cam.evidence_map`): the peak is the
   probability, so a negative study's map stays dim on the fixed 0-1 colour scale. Categorical
@@ -271,6 +275,30 @@ class Map:
 
 
 @dataclass(frozen=True)
+class Contour:
+    """A polyline a chain's model traced on one source image, in that image's pixel coordinates.
+
+    ``points`` are (row, column) pixel centres (K >= 2), as numpy indexes them; the SR writer
+    converts them to DICOM's (column, row) image coordinates. ``laterality``: the patient's side
+    of the structure traced (a network output channel per side), ``site`` what it outlines.
+    """
+
+    source: ImageRef
+    points: np.ndarray
+    site: Site
+    description: str  # e.g. "joint line traced by the contouring network"
+    laterality: Laterality | None = None
+    length_mm: float | None = None
+
+    def __post_init__(self) -> None:
+        points = np.asarray(self.points, dtype=float)
+        if points.ndim != 2 or points.shape[1] != 2 or len(points) < 2 or not np.isfinite(points).all():
+            raise ValueError("a contour is at least two finite (row, column) points")
+        if self.laterality is not None and not isinstance(self.laterality, Laterality):
+            raise ValueError(f"laterality must be Laterality.LEFT or RIGHT (or None), got {self.laterality!r}")
+
+
+@dataclass(frozen=True)
 class ImageScore:
     """A per-image number a chain reports, e.g. a slice's attention weight."""
 
@@ -314,10 +342,11 @@ class ChainResult:
     image_scores: Sequence[ImageScore] = ()
     explanations: Sequence[SideExplanation] = ()
     not_analysed: NotAnalysed | None = None
+    contours: Sequence[Contour] = ()
 
     def __post_init__(self) -> None:
-        if self.not_analysed is not None and (self.findings or self.maps or self.image_scores or self.explanations):
-            raise ValueError("a not-analysed result carries no findings, maps, scores or explanations")
+        if self.not_analysed is not None and (self.findings or self.maps or self.image_scores or self.explanations or self.contours):
+            raise ValueError("a not-analysed result carries no findings, maps, scores, explanations or contours")
         if self.not_analysed is None and not self.findings:
             raise ValueError("a result without findings must say why (ChainResult.not_analysed_result)")
         check_scopes(self.findings)

@@ -41,6 +41,7 @@ TRAINERS = {
     "xr-anatomy": "pipeline.chains.xr_anatomy.train",
     "ct-slices": "pipeline.chains.ct_slices.train",
     "t1stir-3d": "pipeline.chains.t1stir_3d.train",
+    "t1stir-quadrants": "pipeline.chains.t1stir_quadrants.train",
 }
 
 

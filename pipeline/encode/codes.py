@@ -110,6 +110,13 @@ CODES: MappingProxyType[str, Concept] = MappingProxyType(
         # The share of a Grad-CAM map inside one joint box. The map itself is 130403; its share
         # in a region has no code. Reported as explanation (130401), never as a finding.
         "share of Grad-CAM in joint box": _private("CAM-SHARE", "Share of Grad-CAM in joint box"),
+        # A joint line a contouring network traced (t1stir-quadrants): the structure is the
+        # sacroiliac joint (39723000), but a finding type of "Sacroiliac joint" would read as a
+        # finding; no code for "contour of a joint line" was found.
+        "joint line contour": _private("JOINT-LINE", "Sacroiliac joint line contour"),
+        # The traced contour's length (TID 300 in the TID 1410 group).
+        "length": Concept("410668003", "SCT", "Length"),
+        "millimetre": Concept("mm", "UCUM", "millimeter"),
     }
 )
 

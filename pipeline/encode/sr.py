@@ -36,6 +36,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 import highdicom as hd
+import numpy as np
 from pydicom import Dataset
 
 from pipeline.encode.codes import (
@@ -64,6 +65,7 @@ from pipeline.encode.common import (
 from pipeline.results import (
     ChainResult,
     Concept,
+    Contour,
     Finding,
     ImageRef,
     ImageScore,
@@ -94,6 +96,7 @@ def encode_sr(
         *(_finding_group(result, finding) for finding in result.findings),
         *_image_score_groups(result, top),
         *_explanation_groups(result),
+        *_contour_groups(result),
     ]
     report = measurement_report(
         _observation_context(provenance), procedure_reported(result.sources), groups, cited_sources(result, top)
@@ -215,7 +218,19 @@ def reader_summary(result: ChainResult, top: dict[str, list[ImageScore]]) -> lis
         by_finding[explanation.explains].append(explanation)
     for explanations in by_finding.values():
         items.append(text_item(concept("visual explanation"), explanation_text(explanations)))
+    if result.contours:
+        items.append(text_item(concept("joint line contour"), contour_text(result)))
     return items
+
+
+def contour_text(result: ChainResult) -> str:
+    """'Contours (spatial coordinates below): left sacroiliac joint line traced by ... on instance 8, 61.2 mm; ...'."""
+    parts = []
+    for contour in result.contours:
+        where = f"{contour.laterality.value} {contour.site.value}" if contour.laterality else contour.site.value
+        length = f", {contour.length_mm:.1f} mm" if contour.length_mm is not None else ""
+        parts.append(f"{where}: {contour.description} on instance {instance_number(find_source(result, contour.source))}{length}")
+    return "Contours (SCOORD polylines in this report): " + "; ".join(parts)
 
 
 def cited_sources(result: ChainResult, top: dict[str, list[ImageScore]]) -> list[Dataset]:
@@ -223,6 +238,7 @@ def cited_sources(result: ChainResult, top: dict[str, list[ImageScore]]) -> list
     the Image Library lists these, not every slice."""
     cited = {ref.sop_instance_uid for finding in result.findings for ref in finding.evidence}
     cited |= {score.source.sop_instance_uid for scores in top.values() for score in scores}
+    cited |= {contour.source.sop_instance_uid for contour in result.contours}
     listed = [source for source in result.sources if str(source.SOPInstanceUID) in cited]
     return listed or list(result.sources[:1])
 
@@ -457,6 +473,43 @@ def _explanation_groups(result: ChainResult) -> list[hd.sr.MeasurementsAndQualit
             measurements=measurements,
         )
     ]
+
+
+def _contour_groups(result: ChainResult) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+    """One TID 1410 planar ROI group per contour: the polyline as SCOORD on its source image,
+    its site and side, and its length when the chain measured it."""
+    groups = []
+    for contour in result.contours:
+        source = find_source(result, contour.source)
+        where = f"{contour.laterality.value} {contour.site.value}" if contour.laterality else contour.site.value
+        identifier = f"Contour, {where}, instance {instance_number(source)}"
+        points = np.asarray(contour.points, dtype=float)[:, ::-1] + 0.5  # (row, col) centres -> DICOM (column, row)
+        measurements = []
+        if contour.length_mm is not None:
+            measurement = hd.sr.Measurement(
+                name=coded(concept("length")), value=float(contour.length_mm), unit=coded(concept("millimetre"))
+            )
+            measurements.append(measurement)
+        groups.append(
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=_tracking_uid(result, identifier), identifier=identifier),
+                referenced_region=hd.sr.ImageRegion(
+                    graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+                    graphic_data=points.astype(np.float32),
+                    source_image=hd.sr.SourceImageForRegion(contour.source.sop_class_uid, contour.source.sop_instance_uid),
+                ),
+                finding_type=coded(concept("joint line contour")),
+                finding_sites=[
+                    hd.sr.FindingSite(
+                        anatomic_location=coded(site_code(contour.site)),
+                        laterality=coded(laterality_code(contour.laterality)) if contour.laterality else None,
+                    )
+                ],
+                algorithm_id=_algorithm_identification(result.provenance),
+                measurements=measurements or None,
+            )
+        )
+    return groups
 
 
 def _group_source_image(ref: ImageRef) -> hd.sr.SourceImageForMeasurementGroup:

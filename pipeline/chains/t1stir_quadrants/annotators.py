@@ -135,8 +135,12 @@ def multi_reader_loss(
     labels: Mapping[str, torch.Tensor],
     annotators: AnnotatorHierarchy,
     trace_weight: float = 0.01,
+    positive_weight: float = 1.0,
 ) -> torch.Tensor:
     """Cross-entropy of each label set against its node's prediction plus the trace penalty.
+
+    ``positive_weight`` weighs the "present" labels' terms (rare lesions: a short training run
+    otherwise learns only that most quadrants are healthy); 1 is the plain cross-entropy.
 
     ``labels[node]`` holds 0/1 per (case, output); negative values (unused consensus labels,
     missing readings) are left out.  Each node's term is the mean over its used labels.
@@ -147,5 +151,7 @@ def multi_reader_loss(
         if not used.any():
             continue
         probability = predictions[node][used].clamp(_EPS, 1.0 - _EPS)
-        total = total + nn.functional.binary_cross_entropy(probability, target[used].to(probability.dtype))
+        labels = target[used].to(probability.dtype)
+        weight = torch.where(labels > 0.5, torch.full_like(labels, positive_weight), torch.ones_like(labels))
+        total = total + nn.functional.binary_cross_entropy(probability, labels, weight=weight)
     return total + trace_weight * annotators.trace_penalty()

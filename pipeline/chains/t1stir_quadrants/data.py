@@ -11,14 +11,19 @@ is unused.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+from pydicom import Dataset, dcmread
 from scipy.ndimage import map_coordinates
 
 from pipeline.phantom import JOINT_LINE_LABELS, SIDES
 from pipeline.phantom.readers import GRADED_OUTPUTS
+from pipeline.phantom.study import GROUND_TRUTH_FILE, phantom_study_folders
 
 from .preprocess import CanonicalOrientation, SquareFrame
 from .regions import JointRegions, joint_regions
@@ -98,3 +103,114 @@ def reader_labels(readers: Mapping, side: str) -> dict[str, np.ndarray]:
         values = per_side[side]
         labels[name] = np.array([-1 if values[o] is None else values[o] for o in GRADED_OUTPUTS], dtype=np.int8)
     return labels
+
+
+# ------------------------------------------------------------------ phantom studies as training / evaluation cases
+SEQUENCES: tuple[str, ...] = ("T1", "STIR")
+
+
+def series_volume(images: np.ndarray) -> np.ndarray:
+    """One series' 224-grid slices z-scored over the whole series (the classifier's intensity scale).
+
+    Over the series, not per slice, so a slice full of edema stays brighter than its neighbours.
+    """
+    images = np.asarray(images, dtype=np.float32)
+    return (images - images.mean()) / max(float(images.std()), 1e-6)
+
+
+def joint_crops(images: np.ndarray, regions: JointRegions, side: str, roi_size: int) -> np.ndarray:
+    """The classifier's view of one joint: :func:`crop_joint`, the right joint mirrored left-right.
+
+    Mirrored so that on every crop the ilium lies on the image's right and the sacrum on its
+    left (the canonical layout puts the patient's left on the image's right, so the left joint's
+    ilium is already there): one classifier with one set of quadrant heads serves both joints
+    (our choice; the paper does not say how its 14 heads treat the two sides).
+    """
+    crops = crop_joint(images, regions, side, roi_size)
+    return np.ascontiguousarray(crops[..., ::-1]) if side == "right" else crops
+
+
+@dataclass(frozen=True)
+class Case:
+    """One phantom study: its coronal T1 / STIR folders, per-joint truth and reader labels."""
+
+    folder: Path
+    study: str
+    patient_id: str
+    seed: int
+    truth: dict[str, np.ndarray]  # side -> (14,) 0/1
+    labels: dict[str, dict[str, np.ndarray]]  # side -> label set -> (14,) with -1 unused
+    subgroups: tuple[str, ...]
+    generator_version: str
+    series_folders: dict[str, Path]  # "T1", "STIR"
+
+    def datasets(self, sequence: str) -> list[Dataset]:
+        return sorted_slices([dcmread(path) for path in sorted(self.series_folders[sequence].glob("*.dcm"))])
+
+    def coronal(self, sequence: str, size: int = 224) -> tuple[list[Dataset], CoronalSeries]:
+        datasets = self.datasets(sequence)
+        return datasets, series_of(sequence, datasets, size)
+
+    def joint_lines(self, sequence: str) -> np.ndarray:
+        with np.load(self.folder / "masks.npz") as masks:
+            return masks[f"{sequence}_joint_line"]
+
+
+def sorted_slices(datasets: Sequence[Dataset]) -> list[Dataset]:
+    """Slices in order along the slice normal (from ImagePositionPatient), InstanceNumber as the tie-break."""
+
+    def position(dataset: Dataset) -> tuple[float, int]:
+        orientation = np.asarray([float(v) for v in dataset.ImageOrientationPatient])
+        normal = np.cross(orientation[:3], orientation[3:])
+        return float(np.dot(normal, [float(v) for v in dataset.ImagePositionPatient])), int(dataset.get("InstanceNumber", 0) or 0)
+
+    return sorted(datasets, key=position)
+
+
+def series_of(role: str, datasets: Sequence[Dataset], size: int = 224) -> CoronalSeries:
+    """Sorted datasets of one coronal series -> :class:`CoronalSeries` on the ``size`` grid."""
+    first = datasets[0]
+    return coronal_series(role, [d.pixel_array for d in datasets], first.ImageOrientationPatient, first.PixelSpacing, size)
+
+
+def read_case(folder: Path) -> Case:
+    from pipeline.evaluation import phantom_subgroups
+
+    truth = json.loads((folder / GROUND_TRUTH_FILE).read_text())
+    series = {s["role"]: folder / s["folder"] for s in truth["series"] if s["role"] in SEQUENCES and s["plane"] == "coronal"}
+    if set(series) != set(SEQUENCES):
+        raise ValueError(f"{folder}: no coronal T1 and STIR series in the ground truth (generate with kinds including mri)")
+    readers = truth["readers"]
+    return Case(
+        folder=folder,
+        study=folder.name,
+        patient_id=str(truth["patient_id"]),
+        seed=int(truth["seed"]),
+        truth={side: np.array([readers["truth"][side][o] for o in GRADED_OUTPUTS], dtype=np.int8) for side in SIDES},
+        labels={side: reader_labels(readers, side) for side in SIDES},
+        subgroups=phantom_subgroups(truth),
+        generator_version=str(truth["generator_version"]),
+        series_folders=series,
+    )
+
+
+def find_cases(data: Path) -> list[Case]:
+    """Every phantom study at or below ``data``, in path order."""
+    folders = phantom_study_folders(data)
+    if not folders:
+        raise FileNotFoundError(f"{data}: no phantom studies ({GROUND_TRUTH_FILE} in sub-folders); write some with sijnode phantom")
+    return [read_case(folder) for folder in folders]
+
+
+def describe(cases: Sequence[Case]) -> dict[str, Any]:
+    """Counts and provenance of a set of cases, for manifests and reports."""
+    from pipeline.training import seed_ranges
+
+    return {
+        "studies": len(cases),
+        "joints": 2 * len(cases),
+        "positive_joints": {o: int(sum(c.truth[s][i] for c in cases for s in SIDES)) for i, o in enumerate(GRADED_OUTPUTS)},
+        "seeds": seed_ranges([c.seed for c in cases]),
+        "subgroups": {g: sum(g in c.subgroups for c in cases) for g in sorted({g for c in cases for g in c.subgroups})},
+        "generator_versions": sorted({c.generator_version for c in cases}),
+    }

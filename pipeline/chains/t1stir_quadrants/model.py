@@ -55,6 +55,7 @@ class Hyperparameters:
     widen_factor: float = 1.0
     roi_size: int = 112
     slice_pooling: str = "max"
+    unet_norm: str = "instance"  # MONAI BasicUNet's default; "batch" lets a demo train on crops (see train.py)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> Hyperparameters:
@@ -72,6 +73,8 @@ class Hyperparameters:
             raise ValueError("unet_features needs 6 widths (5 levels and the last decoder's)")
         if parameters.contour_size % 16:
             raise ValueError(f"contour_size must be a multiple of 16 (4 poolings), got {parameters.contour_size}")
+        if parameters.unet_norm not in ("instance", "batch"):
+            raise ValueError(f"unet_norm must be instance or batch, got {parameters.unet_norm!r}")
         if parameters.slice_pooling not in ("max", "mean"):
             raise ValueError(f"slice_pooling must be max or mean, got {parameters.slice_pooling!r}")
         return parameters
@@ -89,8 +92,9 @@ def build_contour_unet(parameters: Hyperparameters) -> nn.Module:
     """MONAI's BasicUNet, 1 channel in, :data:`CONTOUR_CHANNELS` out."""
     from monai.networks.nets import BasicUNet
 
+    norm = ("instance", {"affine": True}) if parameters.unet_norm == "instance" else ("batch", {"affine": True})
     return BasicUNet(
-        spatial_dims=2, in_channels=1, out_channels=len(CONTOUR_CHANNELS), features=parameters.unet_features
+        spatial_dims=2, in_channels=1, out_channels=len(CONTOUR_CHANNELS), features=parameters.unet_features, norm=norm
     )
 
 
