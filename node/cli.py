@@ -827,9 +827,12 @@ def cmd_packs_import_t1stir_3d(args: argparse.Namespace, config: Config | None, 
 
 
 def cmd_train(args: argparse.Namespace, config: Config | None, out: Output) -> int:
-    from pipeline.training import train_chain
+    from pipeline.training import TrainingUsageError, train_chain
 
-    pack = train_chain(args.chain, Path(args.data), Path(args.out), epochs=args.epochs, seed=args.seed, progress=not out.json, cache=Path(args.cache) if args.cache else None)
+    try:
+        pack = train_chain(args.chain, Path(args.data), Path(args.out), epochs=args.epochs, seed=args.seed, progress=not out.json, cache=Path(args.cache) if args.cache else None)
+    except TrainingUsageError as error:
+        raise CLIError(str(error), EXIT_INVALID) from None
     manifest = pack.manifest
     if out.json:
         _print_json({"pack": str(pack.folder), "name": manifest.name, "version": manifest.version, "evaluation": manifest.evaluation})
@@ -839,7 +842,7 @@ def cmd_train(args: argparse.Namespace, config: Config | None, out: Output) -> i
 
 
 def cmd_evaluate(args: argparse.Namespace, config: Config | None, out: Output) -> int:
-    from pipeline.training import check_evaluation, evaluate_pack
+    from pipeline.training import TrainingUsageError, check_evaluation, evaluate_pack
 
     if args.check:
         problems = check_evaluation(Path(args.pack), Path(args.data))
@@ -850,7 +853,10 @@ def cmd_evaluate(args: argparse.Namespace, config: Config | None, out: Output) -
                 out.line(problem)
             out.line("committed evaluation reproduced" if not problems else f"{len(problems)} differences from the committed evaluation")
         return EXIT_NOT_FOUND if problems else EXIT_OK
-    report = evaluate_pack(Path(args.pack), Path(args.data), Path(args.out) if args.out else None, cache=Path(args.cache) if args.cache else None)
+    try:
+        report = evaluate_pack(Path(args.pack), Path(args.data), Path(args.out) if args.out else None, cache=Path(args.cache) if args.cache else None)
+    except TrainingUsageError as error:
+        raise CLIError(str(error), EXIT_INVALID) from None
     if out.json:
         _print_json(report)
         return EXIT_OK

@@ -20,6 +20,7 @@ The evaluation report (one schema for every chain) is :mod:`pipeline.evaluation`
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -51,10 +52,15 @@ def _module(chain: str):  # noqa: ANN202 (a module)
     return importlib.import_module(TRAINERS[chain])
 
 
+class TrainingUsageError(ValueError):
+    """A training or evaluation request the chain cannot serve (the CLI exits 2 with it)."""
+
+
 def train_chain(chain: str, data: Path, out: Path, *, epochs: int | None = None, seed: int = 0, progress: bool = True, cache: Path | None = None) -> ModelPack:
     """Train ``chain`` on phantom studies in ``data`` and write a pack to ``out``; ``cache``: a folder
     for the chain's preprocessed studies, for chains whose ``train`` takes one."""
-    return _module(chain).train(Path(data), Path(out), epochs=epochs, seed=seed, progress=progress, **({} if cache is None else {"cache": Path(cache)}))
+    train = _module(chain).train
+    return train(Path(data), Path(out), epochs=epochs, seed=seed, progress=progress, **_cache_argument(train, chain, cache))
 
 
 def evaluate_pack(pack_dir: Path, data: Path, out: Path | None = None, cache: Path | None = None) -> dict[str, Any]:
@@ -62,7 +68,18 @@ def evaluate_pack(pack_dir: Path, data: Path, out: Path | None = None, cache: Pa
     ``cache`` as for :func:`train_chain`."""
     pack = load_pack(pack_dir)
     pack.verify()
-    return _module(pack.manifest.chain).evaluate(pack, Path(data), Path(out) if out else pack.folder, **({} if cache is None else {"cache": Path(cache)}))
+    evaluate = _module(pack.manifest.chain).evaluate
+    return evaluate(pack, Path(data), Path(out) if out else pack.folder, **_cache_argument(evaluate, pack.manifest.chain, cache))
+
+
+def _cache_argument(function: Any, chain: str, cache: Path | None) -> dict[str, Path]:
+    """``{"cache": cache}`` for a chain function that takes a preprocessing cache; a clear error
+    for one that does not, rather than a TypeError."""
+    if cache is None:
+        return {}
+    if "cache" not in inspect.signature(function).parameters:
+        raise TrainingUsageError(f"chain {chain} keeps no preprocessing cache: leave out --cache")
+    return {"cache": Path(cache)}
 
 
 def check_evaluation(pack_dir: Path, data: Path, tolerance: float | None = None) -> list[str]:

@@ -83,3 +83,10 @@ def test_report_schema_round_trips_and_compare_finds_changes(tmp_path: Path) -> 
     changed = evaluation_report(cases, outputs, pack={"name": "p"}, data={"studies": 5}, seconds=0.0, n_bootstrap=50)
     problems = compare_reports(report, changed)
     assert "P2 out: probability 0.4 → 0.6" in problems and any("decision changed" in p for p in problems)
+
+
+def test_cache_is_refused_in_words_by_a_chain_without_one(tmp_path: Path) -> None:
+    from pipeline.training import TrainingUsageError, train_chain
+
+    with pytest.raises(TrainingUsageError, match="xr-anatomy keeps no preprocessing cache"):
+        train_chain("xr-anatomy", tmp_path, tmp_path / "pack", cache=tmp_path / "cache")
