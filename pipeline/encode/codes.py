@@ -116,7 +116,7 @@ CODES: MappingProxyType[str, Concept] = MappingProxyType(
         "joint line contour": _private("JOINT-LINE", "Sacroiliac joint line contour"),
         # The traced contour's length (TID 300 in the TID 1410 group).
         "length": Concept("410668003", "SCT", "Length"),
-        "millimetre": Concept("mm", "UCUM", "millimeter"),
+        "millimetre": Concept("mm", "UCUM", "mm"),  # pydicom's codes.UCUM.Millimeter
     }
 )
 
