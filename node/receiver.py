@@ -607,5 +607,7 @@ def receiver_main(config_path: str, index: int, parent_pid: int | None = None, l
             config, _, _ = reloadable_part(config, new)
             receiver.apply_config(config)
             set_levels(config.logging.level, config.logging.libraries)
+            # the service's "config reloaded" comes first; this says when this process applies it
+            log_event(log, logging.INFO, "config reloaded in a receiver process", pid=os.getpid())
     receiver.stop()
     store.dispose()
