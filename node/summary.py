@@ -47,7 +47,7 @@ def update_study_summary(store: Store, spool: Spool, config: Config, study_uid: 
     outputs of ``job_id`` (the job that just ended). With ``job_id`` None (a study that completed
     without a job) the summary belongs to the study, and is made only if the study has series
     that could be chain inputs: the radiologist learns why they were not analysed, while studies
-    the node has no business with (a chest CT a forward-everything rule sent) stay silent.
+    the node has no business with (an ultrasound a forward-everything rule sent) stay silent.
     Returns whether new objects were queued."""
     detail = store.study_detail(study_uid)
     if detail is None:
