@@ -52,6 +52,14 @@ def _module(chain: str):  # noqa: ANN202 (a module)
     return importlib.import_module(TRAINERS[chain])
 
 
+def demo_intended_use(chain: str) -> str:
+    """The intended-use statement of a demonstration pack trained on phantoms (its manifest)."""
+    return (
+        f"Demonstration only: shows the {chain} chain end to end on synthetic phantom studies. "
+        "Trained on phantoms, never on patients; not a medical device; not for diagnosis or any clinical decision."
+    )
+
+
 class TrainingUsageError(ValueError):
     """A training or evaluation request the chain cannot serve (the CLI exits 2 with it)."""
 

@@ -232,14 +232,17 @@ def write_study(study: PhantomStudy, out_dir: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------- helpers
-def phantom_study_folders(data: Path) -> list[Path]:
+def phantom_study_folders(data: Path, *, required: bool = False) -> list[Path]:
     """The phantom study folders at or below ``data`` (each holds a ``ground_truth.json``), in
-    path order. ``os.walk`` rather than ``Path.glob`` because it follows symbolic links, so a
-    data set can be assembled from links to studies written elsewhere."""
+    path order; ``required``: none is an error. ``os.walk`` rather than ``Path.glob`` because it
+    follows symbolic links, so a data set can be assembled from links to studies written elsewhere."""
     data = Path(data)
     if not data.is_dir():
         raise FileNotFoundError(f"{data} is not a folder of phantom studies (write some with sijnode phantom)")
-    return sorted(Path(root) for root, _, files in os.walk(data, followlinks=True) if GROUND_TRUTH_FILE in files)
+    folders = sorted(Path(root) for root, _, files in os.walk(data, followlinks=True) if GROUND_TRUTH_FILE in files)
+    if required and not folders:
+        raise FileNotFoundError(f"{data}: no phantom studies ({GROUND_TRUTH_FILE} in sub-folders); write some with sijnode phantom")
+    return folders
 
 
 def _check_kinds(kinds: Sequence[str]) -> tuple[str, ...]:

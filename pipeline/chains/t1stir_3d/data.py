@@ -96,10 +96,7 @@ def read_case(folder: Path) -> Case:
 
 def find_cases(data: Path) -> list[Case]:
     """Every phantom study under ``data`` (the folder itself or its sub-folders), sorted by folder."""
-    folders = phantom_study_folders(data)
-    if not folders:
-        raise FileNotFoundError(f"{data}: no phantom studies ({GROUND_TRUTH_FILE} in sub-folders); write some with sijnode phantom")
-    return [read_case(folder) for folder in folders]
+    return [read_case(folder) for folder in phantom_study_folders(data, required=True)]
 
 
 def describe(cases: Sequence[Case]) -> dict[str, Any]:

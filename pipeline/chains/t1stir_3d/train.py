@@ -57,6 +57,7 @@ from pipeline.evaluation import (
 from pipeline.packs import HELD_OUT, ModelPack, update_evaluation, write_pack
 from pipeline.training import (
     count_parameters,
+    demo_intended_use,
     fit,
     optimizer_step,
     progress_display,
@@ -79,10 +80,7 @@ DEMO_PREPROCESSING: dict[str, Any] = {
     "classifier_size": [16, 96, 96],
 }
 DEFAULT_EPOCHS = 10
-INTENDED_USE = (
-    "Demonstration only: shows the t1stir-3d chain end to end on synthetic phantom studies. "
-    "Trained on phantoms, never on patients; not a medical device; not for diagnosis or any clinical decision."
-)
+INTENDED_USE = demo_intended_use("t1stir-3d")
 
 
 @dataclass(frozen=True)

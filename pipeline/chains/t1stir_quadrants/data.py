@@ -196,10 +196,7 @@ def read_case(folder: Path) -> Case:
 
 def find_cases(data: Path) -> list[Case]:
     """Every phantom study at or below ``data``, in path order."""
-    folders = phantom_study_folders(data)
-    if not folders:
-        raise FileNotFoundError(f"{data}: no phantom studies ({GROUND_TRUTH_FILE} in sub-folders); write some with sijnode phantom")
-    return [read_case(folder) for folder in folders]
+    return [read_case(folder) for folder in phantom_study_folders(data, required=True)]
 
 
 def describe(cases: Sequence[Case]) -> dict[str, Any]:

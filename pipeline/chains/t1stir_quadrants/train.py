@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter, map_coordinates
 
+from pipeline.training import demo_intended_use
+
 from .contour import Walk, contour_rms_mm, trace_contour
 from .model import CONTOUR_CHANNELS, CONTOUR_MAPS, JOINTS
 from .targets import flip_left_right
@@ -189,10 +191,7 @@ NARROWER_THAN_PUBLISHED = (
 #: the demo's contouring augmentation: the paper's rotation, flips, noise and blur; translation and scale narrower
 #: (the training crops already move the joints around), so that a short CPU run converges
 DEMO_AUGMENTATION = Augmentation(translate=0.05, scale=0.10, rotate_deg=15.0)
-INTENDED_USE = (
-    "Demonstration only: shows the t1stir-quadrants chain end to end on synthetic phantom studies. "
-    "Trained on phantoms, never on patients; not a medical device; not for diagnosis or any clinical decision."
-)
+INTENDED_USE = demo_intended_use("t1stir-quadrants")
 #: which finding concept (pipeline.encode.codes) each lesion type's outputs report
 LESION_CONCEPTS: dict[str, str] = {
     "edema": "bone marrow edema",

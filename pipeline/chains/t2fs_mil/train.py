@@ -84,6 +84,7 @@ from pipeline.packs import HELD_OUT, ModelPack, update_evaluation, write_pack
 from pipeline.training import (
     FitResult,
     count_parameters,
+    demo_intended_use,
     fit,
     optimizer_step,
     progress_display,
@@ -102,10 +103,7 @@ THRESHOLD = 0.5
 METRICS = ("accuracy", "sensitivity", "specificity", "f1", "auc")
 #: the evaluation's second scored variant: the same output without test-time augmentation
 WITHOUT_TTA = f"{OUTPUT} (without TTA)"
-INTENDED_USE = (
-    "Demonstration only: shows the t2fs-mil chain end to end on synthetic phantom studies. "
-    "Trained on phantoms, never on patients; not a medical device; not for diagnosis or any clinical decision."
-)
+INTENDED_USE = demo_intended_use("t2fs-mil")
 
 
 @dataclass(frozen=True)
