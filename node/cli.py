@@ -1006,7 +1006,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="pack folder to write")
     train.add_argument("--epochs", type=int, default=None)
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--cache", default=None, help="folder for preprocessed studies, reused by later runs (chains that support it: t1stir-3d)")
+    train.add_argument("--cache", default=None, help="folder for preprocessed studies, reused by later runs (chains that keep one: t1stir-3d, ct-slices)")
     evaluate = add("evaluate", cmd_evaluate, "evaluate a model pack on held-out phantom studies")
     evaluate.add_argument("pack")
     evaluate.add_argument("--data", required=True)
