@@ -100,7 +100,7 @@ def test_association_slots_are_counted_over_all_receiver_processes(tmp_path: Pat
         try:
             assert len(established) == 2, [assoc.is_rejected for assoc in attempts]
             assert all(assoc.is_rejected for assoc in attempts if not assoc.is_established)
-            wait_for(lambda: node.log_path.read_text().count("all association slots are taken") == 4, timeout=10, what="4 rejections logged")
+            wait_for(lambda: node.log_path.read_text().count("all association slots are taken") == 4, timeout=30, what="4 rejections logged")
             board = json.loads((node.workdir / "var" / "receiver-slots.json").read_text())
             assert sum(len(addresses) for addresses in board.values()) == 2, board
         finally:
