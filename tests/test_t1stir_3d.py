@@ -385,3 +385,59 @@ def test_routing_gives_the_chain_a_study_without_stir_so_it_can_say_why() -> Non
     plan = plan_routing([stir], [spec])
     assert not plan.jobs and "needs t1" in plan.lines[0]
 
+
+
+# ---------------------------------------------------------------- the demonstration trainer
+
+
+def test_lesion_patches_centre_on_lesions_and_keep_negatives_away_from_them() -> None:
+    from pipeline.chains.t1stir_3d.train import LesionPatches
+
+    inputs = torch.zeros(2, 2, 16, 64, 64)
+    inputs[0, 1, 6:9, 40:44, 10:14] = 5.0  # one bright "lesion" in study 0's STIR
+    centres = [np.array([[7.5, 42.0, 12.0]]), np.zeros((0, 3))]
+    patches = LesionPatches(inputs, centres, (8, 16, 16), np.random.default_rng(0))
+    batch, labels = patches.batch(64)
+    assert batch.shape == (64, 2, 8, 16, 16) and 0 < int(labels.sum()) < 64
+    peaks = batch[:, 1].amax(dim=(1, 2, 3))
+    assert bool((peaks[labels == 1] == 5.0).all())  # the lesion is inside every positive patch (mirrored or not)
+    assert bool((peaks[labels == 0] == 0.0).all())  # and in no negative one
+    assert not LesionPatches(inputs, [np.zeros((0, 3))] * 2, (8, 16, 16), np.random.default_rng(0)).batch(4)[1].any()
+
+
+@pytest.mark.slow
+def test_training_on_tiny_phantoms_finds_their_lesions_and_writes_a_pack_the_chain_loads(tmp_path: Path) -> None:
+    """Both classifier phases on eight tiny phantoms; the lesion centres land on the lesions; evaluate reports all three outputs."""
+    import json
+
+    from pipeline.chains.t1stir_3d.data import find_cases
+    from pipeline.chains.t1stir_3d.train import Recipe, evaluate, train
+    from pipeline.phantom import write_study
+
+    def spec(*lesions: tuple[str, str, str]) -> dict:
+        return {"lesions": [{"type": t, "side": side, "quadrant": q, "severity": "severe", "size_mm": 18} for t, side, q in lesions]}
+
+    edema, sclerosis = ("edema", "left", "upper_ilium"), ("sclerosis", "right", "lower_sacrum")
+    specs = [spec(edema, sclerosis), spec(edema, sclerosis), spec(edema), spec(edema), spec(sclerosis), spec(sclerosis), spec(), spec()]
+    for seed, lesions in enumerate(specs, start=94301):
+        write_study(generate_study(seed, kinds=("mri",), lesions=lesions), tmp_path / "data")
+    settings = {**TINY_PREPROCESSING, "classifier_crop": [40, 40], "classifier_size": [8, 40, 40]}
+    cases = find_cases(tmp_path / "data")
+    # the centres the patch phase uses sit on the edema: bright on STIR at the classifier's own voxels
+    networks = build_networks({"classifier": TINY_CLASSIFIER, "denoiser": None})
+    for case in cases[:4]:
+        x = classifier_input(case.grid_volumes(settings), networks.denoisers, settings)
+        (z, y, c), = np.round(case.lesion_voxels("active_inflammation", settings)).astype(int)
+        stir = x[0, 1].numpy()
+        assert stir[z, y, c] > np.quantile(stir, 0.95), case.study
+    recipe = Recipe(denoiser_epochs=1, denoiser_steps=1, patch_epochs=2, patch_steps=3, patch_batch=4, patch_validation=4, batch=4)
+    pack = train(tmp_path / "data", tmp_path / "pack", epochs=2, progress=False, architecture={"classifier": TINY_CLASSIFIER, "denoiser": TINY_DENOISER}, preprocessing=settings, recipe=recipe, cache=tmp_path / "cache")
+    training = json.loads((pack.folder / "training.json").read_text())
+    assert set(training["phases"]) == {"denoiser T1", "denoiser STIR"} | {f"{phase} {task}" for phase in ("lesion patches", "whole studies") for task in TASKS}
+    assert len(training["phases"]["lesion patches structural_lesions"]["history"]) == 2
+    assert training["phases"]["whole studies active_inflammation"]["history"][0]["epoch"] == 0  # the patch-trained head competes
+    assert "patches" in pack.manifest.training["classifiers"] and pack.manifest.preprocessing["classifier_crop"] == [40, 40]
+    assert all(0.01 <= pack.manifest.output(task).threshold <= 0.99 for task in TASKS)
+    assert set(load_networks(pack).classifiers) == set(TASKS)
+    report = evaluate(pack, tmp_path / "data", tmp_path / "evaluation", cache=tmp_path / "cache")
+    assert set(report["outputs"]) == set(TASKS) and Path(report["roc_png"]).stat().st_size > 0

@@ -7,6 +7,11 @@ study is one patient.
 
 The grid volumes (resampled, clipped, bias-corrected: the expensive part) can be cached per study
 and preprocessing settings under ``cache`` so that evaluation and retraining do not redo N4.
+
+For the demonstration pack's lesion-patch phase (:mod:`pipeline.chains.t1stir_3d.train`) a case also
+gives the centres of its lesions behind each output (:data:`LESION_TYPES`) as voxels of the
+classifier input (:meth:`Case.lesion_voxels`): training only; nothing of the ground truth reaches the
+chain.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ import numpy as np
 from pydicom import Dataset, dcmread
 
 from pipeline.chains.t1stir_3d.model import SEQUENCES
-from pipeline.chains.t1stir_3d.preprocess import GRID_KEYS, PreparedPair, prepare_pair
+from pipeline.chains.t1stir_3d.preprocess import GRID_KEYS, PreparedPair, SemicoronalGrid, classifier_voxels, prepare_pair, volume_from_datasets
 from pipeline.evaluation import phantom_subgroups
+from pipeline.phantom.lesions import STRUCTURAL_TYPES
 from pipeline.phantom.study import GROUND_TRUTH_FILE, phantom_study_folders
 from pipeline.training import seed_ranges
 
@@ -32,6 +38,13 @@ LABEL_KEYS: dict[str, str] = {
     "active_inflammation": "active_inflammation",
     "asas_active_sacroiliitis": "asas_mri_positive",
     "structural_lesions": "structural_change",
+}
+
+#: the phantom lesion types behind each task output (the labels above are "any lesion of these")
+LESION_TYPES: dict[str, tuple[str, ...]] = {
+    "active_inflammation": ("edema",),
+    "asas_active_sacroiliitis": ("edema",),
+    "structural_lesions": STRUCTURAL_TYPES,
 }
 
 
@@ -75,6 +88,17 @@ class Case:
             path.parent.mkdir(parents=True, exist_ok=True)
             np.savez(path, **volumes)
         return volumes
+
+    def lesion_voxels(self, task: str, settings: Mapping[str, Any]) -> np.ndarray:
+        """Centres ``(n, 3)`` of this study's lesions behind ``task`` as continuous ``(slice, row, column)``
+        voxels of the classifier input (the grid from the T1 geometry as the chain builds it, then
+        the classifier's crop and resize). Training only."""
+        truth = json.loads((self.folder / GROUND_TRUTH_FILE).read_text())
+        centres = [lesion["center_lps_mm"] for lesion in truth["lesions"] if lesion["type"] in LESION_TYPES[task]]
+        if not centres:
+            return np.zeros((0, 3))
+        grid = SemicoronalGrid.centred_on(volume_from_datasets(self.datasets("T1"))[1], settings["grid_size"], settings["grid_spacing_mm"])
+        return classifier_voxels(grid.voxel_of(np.asarray(centres, dtype=float)), settings, settings["classifier_size"])
 
 
 def read_case(folder: Path) -> Case:

@@ -30,8 +30,8 @@ from pipeline.chains.t1stir_3d.preprocess import (
     REQUIRED_KEYS,
     SemicoronalGrid,
     ZScore,
-    classifier_field,
     classifier_transform,
+    classifier_voxels,
 )
 from pipeline.packs import ModelPack, PackError
 
@@ -220,13 +220,6 @@ def slice_points(dataset: Dataset) -> np.ndarray:
     rows = np.arange(int(dataset.Rows))[:, None, None] * row_spacing * orientation[3:]
     columns = np.arange(int(dataset.Columns))[None, :, None] * column_spacing * orientation[:3]
     return position + rows + columns
-
-
-def classifier_voxels(grid_index: np.ndarray, settings: Mapping[str, Any], shape: Sequence[int]) -> np.ndarray:
-    """Continuous grid indices ``(..., 3)`` as indices into a classifier input of ``shape`` (the crop, then the resize's voxel centres)."""
-    start, extent = classifier_field(settings)
-    scale = np.asarray(shape, dtype=float) / np.asarray(extent, dtype=float)
-    return (np.asarray(grid_index, dtype=float) - np.asarray(start, dtype=float) + 0.5) * scale - 0.5  # resize: align_corners=False
 
 
 def on_source_slice(cam: np.ndarray, grid: SemicoronalGrid, dataset: Dataset, settings: Mapping[str, Any]) -> np.ndarray:

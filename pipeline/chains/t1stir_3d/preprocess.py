@@ -209,6 +209,13 @@ def classifier_field(settings: Mapping[str, Any]) -> tuple[tuple[int, int, int],
     return (0, (grid[1] - rows) // 2, (grid[2] - columns) // 2), (grid[0], rows, columns)
 
 
+def classifier_voxels(grid_index: np.ndarray, settings: Mapping[str, Any], shape: Sequence[int]) -> np.ndarray:
+    """Continuous grid indices ``(..., 3)`` as indices into a classifier input of ``shape`` (the crop, then the resize's voxel centres)."""
+    start, extent = classifier_field(settings)
+    scale = np.asarray(shape, dtype=float) / np.asarray(extent, dtype=float)
+    return (np.asarray(grid_index, dtype=float) - np.asarray(start, dtype=float) + 0.5) * scale - 0.5  # resize: align_corners=False
+
+
 def classifier_transform(settings: Mapping[str, Any]) -> Compose:
     """Step 6 on a denoised grid volume ``(slices, rows, columns)``: crop (if declared), resize, z-score → ``(1, D, H, W)``."""
     size = tuple(int(v) for v in settings["classifier_size"])
