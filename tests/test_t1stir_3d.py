@@ -441,3 +441,14 @@ def test_training_on_tiny_phantoms_finds_their_lesions_and_writes_a_pack_the_cha
     assert set(load_networks(pack).classifiers) == set(TASKS)
     report = evaluate(pack, tmp_path / "data", tmp_path / "evaluation", cache=tmp_path / "cache")
     assert set(report["outputs"]) == set(TASKS) and Path(report["roc_png"]).stat().st_size > 0
+    # one output trained again from that pack: the rest of it is copied, bit for bit
+    again = train(tmp_path / "data", tmp_path / "again", epochs=1, progress=False, recipe=recipe, cache=tmp_path / "cache", base=pack, tasks=["structural_lesions"])
+    before, after = load_networks(pack).state_dict(), load_networks(again).state_dict()
+    assert before.keys() == after.keys()
+    changed = {key.split(".")[0] for key in before if not torch.equal(before[key], after[key])}
+    assert changed == {"classifier_structural_lesions"}
+    for task in ("active_inflammation", "asas_active_sacroiliitis"):
+        assert again.manifest.output(task).threshold == pack.manifest.output(task).threshold
+    retrained = json.loads((again.folder / "training.json").read_text())
+    assert set(retrained["phases"]) == {"lesion patches structural_lesions", "whole studies structural_lesions"}
+    assert retrained["base"]["retrained"] == ["structural_lesions"] and retrained["base"]["training"]["phases"] == training["phases"]

@@ -33,6 +33,7 @@ in the manifest.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -68,6 +69,7 @@ from pipeline.evaluation import (
 )
 from pipeline.packs import HELD_OUT, ModelPack, update_evaluation, write_pack
 from pipeline.training import (
+    TRAINING_REPORT,
     count_parameters,
     demo_intended_use,
     fit,
@@ -111,6 +113,7 @@ class Recipe:
     patch_steps: int = 250
     patch_batch: int = 16
     patch_validation: int = 64  # patches of each label from the validation studies
+    hard_negatives: float = 0.5  # share of label-0 patches cut from lesion-free studies where other studies have lesions
     batch: int = 16
     rate: float = 1e-3
     weight_decay: float = 1e-4
@@ -153,14 +156,19 @@ class LesionPatches:
     study's lesion centres; label 0 where no lesion centre lies inside the patch or within a quarter
     patch of it (lesions reach beyond their centres).
 
+    ``hard`` of the label-0 patches are hard negatives: cut from a study without lesions at a place
+    where another study has one (near the joints, where the anatomy resembles the lesions), so that
+    the model cannot learn "joint region" for "lesion"; the rest anywhere.
+
     ``centres``: per study, ``(n, 3)`` continuous classifier voxels (:meth:`Case.lesion_voxels`).
     """
 
-    def __init__(self, inputs: torch.Tensor, centres: Sequence[np.ndarray], size: Sequence[int], rng: np.random.Generator) -> None:
-        self.inputs, self.centres, self.rng = inputs, [np.asarray(c, dtype=float).reshape(-1, 3) for c in centres], rng
+    def __init__(self, inputs: torch.Tensor, centres: Sequence[np.ndarray], size: Sequence[int], rng: np.random.Generator, hard: float = 0.0) -> None:
+        self.inputs, self.centres, self.rng, self.hard = inputs, [np.asarray(c, dtype=float).reshape(-1, 3) for c in centres], rng, hard
         self.shape = np.asarray(inputs.shape[2:])
         self.size = np.minimum(np.asarray(size, dtype=int), self.shape)
         self.with_lesions = [i for i, c in enumerate(self.centres) if len(c)]
+        self.without_lesions = [i for i, c in enumerate(self.centres) if not len(c)]
 
     def _cut(self, study: int, start: np.ndarray) -> torch.Tensor:
         (z, y, x), (d, h, w) = start, self.size
@@ -175,6 +183,11 @@ class LesionPatches:
             lesions = self.centres[study]
             centre = lesions[int(self.rng.integers(len(lesions)))] + self.rng.uniform(-0.25, 0.25, 3) * self.size
             return self._cut(study, self._start(centre))
+        if self.with_lesions and self.without_lesions and self.rng.random() < self.hard:
+            study = self.without_lesions[int(self.rng.integers(len(self.without_lesions)))]
+            elsewhere = self.centres[self.with_lesions[int(self.rng.integers(len(self.with_lesions)))]]
+            centre = elsewhere[int(self.rng.integers(len(elsewhere)))] + self.rng.uniform(-0.25, 0.25, 3) * self.size
+            return self._cut(study, self._start(centre))
         study = int(self.rng.integers(len(self.inputs)))
         margin = 0.25 * self.size
         for _ in range(100):
@@ -182,7 +195,7 @@ class LesionPatches:
             if all(((lesion < start - margin) | (lesion >= start + self.size + margin)).any() for lesion in self.centres[study]):
                 break
         else:  # a study full of lesions: a patch from a study without any instead
-            free = [i for i, c in enumerate(self.centres) if not len(c)] or [study]
+            free = self.without_lesions or [study]
             study = free[int(self.rng.integers(len(free)))]
         return self._cut(study, start)
 
@@ -284,11 +297,24 @@ def train(
     preprocessing: Mapping[str, Any] | None = None,
     recipe: Recipe | None = None,
     cache: Path | None = None,
+    base: ModelPack | None = None,
+    tasks: Sequence[str] | None = None,
 ) -> ModelPack:
-    """Train the five networks on the phantom studies in ``data``; write the pack to ``out``."""
+    """Train the five networks on the phantom studies in ``data``; write the pack to ``out``.
+
+    With ``base``, a pack made by this trainer, start from it instead: its preprocessing,
+    architecture and denoisers stay, and only the classifiers of ``tasks`` are trained again (the
+    others are copied with their thresholds); ``seed`` gives the same split as the base's.
+    """
     started = time.perf_counter()
     recipe = recipe or Recipe()
     epochs = DEFAULT_EPOCHS if epochs is None else int(epochs)
+    tasks = list(tasks or TASKS)
+    if unknown := set(tasks) - set(TASKS):
+        raise ValueError(f"unknown outputs {sorted(unknown)}; known: {', '.join(TASKS)}")
+    if base is not None:
+        architecture = {key: base.manifest.architecture.hyperparameters[key] for key in ("classifier", "denoiser")}
+        preprocessing = base.manifest.preprocessing
     settings = dict(preprocessing or DEMO_PREPROCESSING)
     hyperparameters = dict(architecture or {"classifier": DEMO_CLASSIFIER, "denoiser": DEMO_DENOISER})
     seed_everything(seed)
@@ -298,27 +324,33 @@ def train(
         cases, recipe.validation_fraction, seed, patient=lambda c: c.patient_id, label=lambda c: bool(c.labels["active_inflammation"])
     )
     networks = build_networks(hyperparameters)
+    if base is not None:  # the base's networks; the classifiers to train again start afresh
+        networks = load_networks(base)
+        networks.classifiers.update(build_networks(hyperparameters, tasks).classifiers)
     phases = []
     thresholds: dict[str, float] = {}
     validation_metrics: dict[str, Any] = {}
+    for task in set(TASKS) - set(tasks):  # kept from the base pack
+        thresholds[task] = float(base.manifest.output(task).threshold)  # type: ignore[union-attr]
+        validation_metrics[task] = base.manifest.evaluation["validation"][task]  # type: ignore[union-attr]
     with progress_display(progress) as bar:
         grids = _prepare(train_cases, settings, cache, bar, "training studies")
         validation_grids = _prepare(validation_cases, settings, cache, bar, "validation studies")
-        for sequence in SEQUENCES:
+        for sequence in SEQUENCES if base is None else ():
             volumes = [ZScore()(p[sequence])[None, None] for p in grids]
             held = [ZScore()(p[sequence])[None, None] for p in validation_grids]
             phases.append(_train_denoiser(networks.denoisers[sequence], volumes, held, recipe, rng, bar, sequence))
             networks.denoisers[sequence].eval()
         inputs = torch.cat([classifier_input(p, networks.denoisers, settings) for p in grids]).half()
         validation_inputs = torch.cat([classifier_input(p, networks.denoisers, settings) for p in validation_grids]).half()
-        for task in TASKS:
+        for task in tasks:
             labels = np.asarray([c.labels[task] for c in train_cases])
             validation_labels = np.asarray([c.labels[task] for c in validation_cases])
             if labels.min() == labels.max():
                 raise ValueError(f"the training studies need both labels of {task}")
             network = networks.classifiers[task]
-            patches = LesionPatches(inputs, [c.lesion_voxels(task, settings) for c in train_cases], recipe.patch_size, rng)
-            held_patches = LesionPatches(validation_inputs, [c.lesion_voxels(task, settings) for c in validation_cases], recipe.patch_size, rng)
+            patches = LesionPatches(inputs, [c.lesion_voxels(task, settings) for c in train_cases], recipe.patch_size, rng, recipe.hard_negatives)
+            held_patches = LesionPatches(validation_inputs, [c.lesion_voxels(task, settings) for c in validation_cases], recipe.patch_size, rng, recipe.hard_negatives)
             phases.append(_train_on_patches(network, patches, held_patches.batch(2 * recipe.patch_validation), recipe, bar, task))
             phases.append(_train_head(network, inputs, labels, validation_inputs, validation_labels, epochs, recipe, rng, bar, task))
             scores = np.asarray([probability(network, validation_inputs[i : i + 1].float()) for i in range(len(validation_cases))])
@@ -383,7 +415,12 @@ def train(
             "denoiser_loss": "MSE",
             "augmentation": "left-right mirror p=0.5 (patches; whole studies: every study and its mirror image), Gaussian noise (denoisers)",
         },
-        extra={"thresholds": thresholds, "validation": validation_metrics, "data": {"training": training, "validation": held}},
+        extra={
+            "thresholds": thresholds,
+            "validation": validation_metrics,
+            "data": {"training": training, "validation": held},
+            **({} if base is None else {"base": {"pack": f"{base.manifest.name} {base.manifest.version}", "weights_sha256": base.manifest.weights.sha256, "retrained": tasks, "training": json.loads((base.folder / TRAINING_REPORT).read_text())}}),
+        },
     )
     return pack
 
