@@ -524,6 +524,19 @@ def test_contour_loss_weights_heatmap_peaks_and_learns_a_batch():
     assert loss.item() < 0.5 * first
 
 
+def test_field_loss_weighs_the_band_along_the_joint_line():
+    from pipeline.chains.t1stir_quadrants.train import FIELD_WEIGHT, _FIELD, field_weights
+    from pipeline.chains.t1stir_quadrants.targets import contour_targets
+
+    vertices = np.stack([np.linspace(60, 160, 60), np.full(60, 80.0)], axis=1)
+    target = torch.tensor(contour_targets({"left": vertices, "right": None}, (224, 224)))[None]
+    weights = field_weights(target[:, _FIELD])[0]
+    on_line, beside, far = weights[0, 110, 80], weights[0, 110, 83], weights[0, 110, 140]
+    assert on_line > 0.3 * FIELD_WEIGHT and beside > 0.3 * FIELD_WEIGHT  # where the field turns from tangent to "towards"
+    assert far < 1 + 0.1 * FIELD_WEIGHT  # the smooth "towards" field away from the joint
+    assert torch.all(weights[1] == 1)  # no right joint on this slice: no field, no extra weight
+
+
 def test_classifier_learns_a_phantom_joint_through_the_annotator_tree(quadrant_study):
     from pipeline.chains.t1stir_quadrants.annotators import INFERENCE_NODE, AnnotatorHierarchy
     from pipeline.chains.t1stir_quadrants.data import (
@@ -664,15 +677,15 @@ def test_train_and_evaluate_through_the_cli_on_three_phantoms(tmp_path) -> None:
     assert (pack.folder / "contour_error.png").stat().st_size > 0 and (pack.folder / "roc.png").stat().st_size > 0
 
 
-def test_walked_contours_inconsistent_with_their_joint_are_dropped() -> None:
+def test_walked_contours_on_the_wrong_half_are_dropped() -> None:
     from pipeline.chains.t1stir_quadrants.inference import consistent_contours
 
     line = np.stack([np.linspace(80, 130, 20), np.linspace(150, 160, 20)], axis=1)  # a left joint: image right
     mirrored = line * [1, -1] + [0, 223]
     contours = [{"left": line + [k * 0.5, 0], "right": mirrored} for k in range(5)]
-    contours.append({"left": line + [40, 0], "right": mirrored})  # a left contour 40 px lower than the others
+    contours.append({"left": line + [40, 0], "right": mirrored})  # 40 px lower: joint ends move between slices, kept
     contours.append({"left": mirrored, "right": None})  # "left" traced on the patient's right half
     kept, dropped = consistent_contours(contours, 224)
-    assert dropped == 2
-    assert [c["left"] is not None for c in kept] == [True] * 5 + [False, False]
+    assert dropped == 1
+    assert [c["left"] is not None for c in kept] == [True] * 6 + [False]
     assert all(c["right"] is not None for c in kept[:6])

@@ -21,6 +21,12 @@ The paper publishes no code; these are the rules, all in grid pixels:
   heading), ``"left the image"``, ``"too long"`` (more than
   :attr:`WalkRules.max_length_factor` times the start-end distance, plus 20 pixels: the walk
   circles or passes the end).
+
+Measured on the demo pack's U-Net outputs for 935 joint slices of 20 validation phantoms: 88 %
+walked (failures: weak field 83, no start 32, no end 1); the failures are the network's, not
+the rules': field threshold 0.02 or 0.1 instead of 0.05 walks 821 or 812 instead of 819,
+coasting 3 or 6 px over a weak field turns most of those failures into "too long" and walks
+3 or 4 more, a peak threshold of 0.5 instead of 0.3 walks 39 fewer, so the defaults stand.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ class WalkRules:
     pass_px: float = 6.0
     coast_px: float = 0.0
     min_peak: float = 0.3
-    min_field: float = 0.05  # the demo pack's field is weak along the joint: at 0.2, 12 of 46 joints were walked on two held-out phantoms, at 0.05, 24
+    min_field: float = 0.05  # the first demo pack's field was weak along the joint: at 0.2, 12 of 46 joints were walked on two held-out phantoms, at 0.05, 24
     max_length_factor: float = 3.0
 
 

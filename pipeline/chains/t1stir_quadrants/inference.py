@@ -14,6 +14,7 @@ contours, the probabilities are the consensus node's.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -112,6 +113,7 @@ class SeriesContours:
     contours: list[dict[str, np.ndarray | None]]
     failures: dict[str, int] = field(default_factory=dict)  # walk failure reason -> count (slices x joints)
     peaks: dict[str, float] = field(default_factory=dict)  # per channel, the highest heatmap value over the slices
+    reasons: list[dict[str, str]] = field(default_factory=list)  # per slice, side -> why it has no contour
 
     @property
     def found(self) -> dict[str, int]:
@@ -131,25 +133,36 @@ def unet_outputs(unet: nn.Module, images: np.ndarray, batch: int = 8) -> np.ndar
 
 def walk_series(outputs: np.ndarray) -> tuple[list[dict[str, np.ndarray | None]], dict[str, int]]:
     """Per slice the walked contours (None where the walk failed) and the failures by reason."""
-    contours, failures = [], {}
+    contours, reasons = walk_reasons(outputs)
+    return contours, count_reasons(reasons)
+
+
+def count_reasons(reasons: Sequence[Mapping[str, str]]) -> dict[str, int]:
+    """Per-slice failure reasons -> how often each occurs."""
+    return dict(Counter(reason for slice_reasons in reasons for reason in slice_reasons.values()))
+
+
+def walk_reasons(outputs: np.ndarray) -> tuple[list[dict[str, np.ndarray | None]], list[dict[str, str]]]:
+    """Per slice the walked contours (None where the walk failed) and, per side that failed, the reason."""
+    contours, reasons = [], []
     for slice_outputs in outputs:
         walks: dict[str, Walk] = walk_outputs(slice_outputs)
         contours.append({side: walk.vertices if walk.ok else None for side, walk in walks.items()})
-        for walk in walks.values():
-            if not walk.ok:
-                failures[walk.failure] = failures.get(walk.failure, 0) + 1
-    return contours, failures
+        reasons.append({side: walk.failure for side, walk in walks.items() if not walk.ok})
+    return contours, reasons
 
 
-#: a walked contour whose start or end lies farther than this (grid pixels) from the median start / end of its
-#: joint over the series' slices is dropped as inconsistent (the joint does not move much between slices)
-CONSISTENCY_PX = 12.0
+WRONG_HALF = "on the other joint's half of the image"
 
 
 def consistent_contours(contours: Sequence[Mapping[str, np.ndarray | None]], size: int) -> tuple[list[dict[str, np.ndarray | None]], int]:
     """Drop walked contours that cannot be their joint's: on the wrong half of the canonical image (the patient's
-    left joint lies on the image's right, from the DICOM geometry) or with a start or end far from the joint's
-    median start / end over the slices. Returns the kept contours and how many were dropped."""
+    left joint lies on the image's right, from the DICOM geometry). Returns the kept contours and how many were dropped.
+
+    A second rule, dropping contours whose start or end lay more than 12 px from their joint's median start / end
+    over the slices, is gone: the joint line's ends move more than that between coronal slices, and on 20
+    validation phantoms it dropped 307 of 815 walked contours that were as close to the true joint line as the
+    ones it kept (median RMS error 2.77 mm kept against 2.58 mm for all), leaving 54 % of joint slices traced."""
     kept = [dict(c) for c in contours]
     dropped = 0
     for side in SIDES:
@@ -157,29 +170,21 @@ def consistent_contours(contours: Sequence[Mapping[str, np.ndarray | None]], siz
             v = c.get(side)
             if v is not None and ((np.median(v[:, 1]) > size / 2) != (side == "left")):
                 c[side], dropped = None, dropped + 1
-        walked = [c[side] for c in kept if c.get(side) is not None]
-        if not walked:
-            continue
-        start = np.median([v[0] for v in walked], axis=0)
-        end = np.median([v[-1] for v in walked], axis=0)
-        for c in kept:
-            v = c.get(side)
-            if v is not None and (np.linalg.norm(v[0] - start) > CONSISTENCY_PX or np.linalg.norm(v[-1] - end) > CONSISTENCY_PX):
-                c[side], dropped = None, dropped + 1
     return kept, dropped
 
 
 def contour_series(unet: nn.Module, role: str, datasets: Sequence[Dataset], size: int = 224) -> SeriesContours:
-    """Sorted datasets of one coronal series -> its contours, walked on the U-Net's outputs (inconsistent ones dropped)."""
+    """Sorted datasets of one coronal series -> its contours, walked on the U-Net's outputs (those on the wrong half dropped)."""
     series = series_of(role, datasets, size)
     outputs = unet_outputs(unet, series.images)
-    walked, failures = walk_series(outputs)
-    contours, dropped = consistent_contours(walked, size)
-    if dropped:
-        failures["inconsistent with the other slices"] = dropped
+    walked, reasons = walk_reasons(outputs)
+    contours, _ = consistent_contours(walked, size)
+    for before, after, why in zip(walked, contours, reasons):
+        why.update({side: WRONG_HALF for side in SIDES if before.get(side) is not None and after.get(side) is None})
+    failures = count_reasons(reasons)
     peaks = {name: float(outputs[:, i].max()) for i, name in enumerate(("left_start", "left_end")) }
     peaks.update({name: float(outputs[:, 4 + i].max()) for i, name in enumerate(("right_start", "right_end"))})
-    return SeriesContours(role, list(datasets), series, contours, failures, peaks)
+    return SeriesContours(role, list(datasets), series, contours, failures, peaks, reasons)
 
 
 def regions_of(contoured: SeriesContours) -> JointRegions:
