@@ -452,3 +452,28 @@ def test_training_on_tiny_phantoms_finds_their_lesions_and_writes_a_pack_the_cha
     retrained = json.loads((again.folder / "training.json").read_text())
     assert set(retrained["phases"]) == {"lesion patches structural_lesions", "whole studies structural_lesions"}
     assert retrained["base"]["retrained"] == ["structural_lesions"] and retrained["base"]["training"]["phases"] == training["phases"]
+
+
+@pytest.mark.slow
+def test_the_shipped_pack_ranks_lesions_above_a_healthy_phantom() -> None:
+    """The committed demonstration pack: two severe edemas score higher for active inflammation, and a
+    sclerosis with a fat lesion higher for structural lesions, than a healthy phantom of the same seed."""
+    from pipeline.chains.t1stir_3d.inference import probability
+
+    pack = load_pack(Path(__file__).resolve().parent.parent / "packs" / "t1stir-3d-demo", chain="t1stir-3d")
+    networks, settings = load_networks(pack), dict(pack.manifest.preprocessing)
+    specs = {
+        "edema": [("edema", "left", "upper_ilium", 16), ("edema", "right", "lower_sacrum", 16)],
+        "structural": [("sclerosis", "right", "lower_ilium", 20), ("fat", "left", "upper_ilium", 14)],
+        "healthy": [],
+    }
+    scores = {}
+    for name, lesions in specs.items():
+        spec = {"lesions": [{"type": t, "side": side, "quadrant": q, "severity": "severe", "size_mm": size} for t, side, q, size in lesions]}
+        series = {info.role: datasets for info, datasets in generate_study(94401, kinds=("mri",), lesions=spec).series}
+        pair = prepare_pair(series["T1"], series["STIR"], settings)
+        x = classifier_input({s: pair.series[s].grid_volume for s in SEQUENCES}, networks.denoisers, settings)
+        scores[name] = {task: probability(model, x) for task, model in networks.classifiers.items()}
+    assert scores["edema"]["active_inflammation"] > scores["healthy"]["active_inflammation"], scores
+    assert scores["edema"]["asas_active_sacroiliitis"] > scores["healthy"]["asas_active_sacroiliitis"], scores
+    assert scores["structural"]["structural_lesions"] > scores["healthy"]["structural_lesions"], scores

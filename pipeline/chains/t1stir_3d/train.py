@@ -81,7 +81,7 @@ from pipeline.training import (
 )
 
 CHAIN = "t1stir-3d"
-PACK_VERSION = "0.1.0"
+PACK_VERSION = "0.2.0"
 #: narrow networks that train on a CPU in minutes (published: model.PUBLISHED_CLASSIFIER / _DENOISER)
 DEMO_CLASSIFIER: dict[str, Any] = {"stem_channels": 16, "planes": [8, 16, 32, 64], "blocks": [1, 1, 1, 1], "head_hidden": 64, "head_dropout": [0.25, 0.5], "classes": 2}
 DEMO_DENOISER: dict[str, Any] = {"stem_channels": 8, "planes": [8, 16, 32, 32], "blocks": [1, 1, 1, 1]}
@@ -383,7 +383,8 @@ def train(
                 f"demonstration recipe, not the paper's: (a) each task model, whole, on {recipe.patch_size[0]}x{recipe.patch_size[1]}x{recipe.patch_size[2]} patches of its "
                 "training volumes, label 1 when centred on a lesion behind its output (phantom ground-truth centres: "
                 + "; ".join(f"{task}: {', '.join(types)}" for task, types in LESION_TYPES.items())
-                + ") and 0 away from all of them; (b) encoder frozen, the head on whole studies' max-pooled features with the study labels. "
+                + f") and 0 away from all of them ({recipe.hard_negatives:.0%} of those cut from lesion-free studies where other studies have lesions); "
+                "(b) encoder frozen, the head on whole studies' max-pooled features with the study labels. "
                 "The paper trained end to end on whole studies; on phantoms that did not learn (validation AUC 0.4-0.6)"
             ),
             "denoisers": "denoising auto-encoders on the phantoms' preprocessed volumes (no cleaner second acquisition exists)",
