@@ -323,9 +323,8 @@ def train(
     train_cases, validation_cases = split_by_patient(
         cases, recipe.validation_fraction, seed, patient=lambda c: c.patient_id, label=lambda c: bool(c.labels["active_inflammation"])
     )
-    networks = build_networks(hyperparameters)
+    networks = build_networks(hyperparameters) if base is None else load_networks(base)
     if base is not None:  # the base's networks; the classifiers to train again start afresh
-        networks = load_networks(base)
         networks.classifiers.update(build_networks(hyperparameters, tasks).classifiers)
     phases = []
     thresholds: dict[str, float] = {}
