@@ -111,9 +111,13 @@ class SeriesContours:
     datasets: list[Dataset]
     series: CoronalSeries
     contours: list[dict[str, np.ndarray | None]]
-    failures: dict[str, int] = field(default_factory=dict)  # walk failure reason -> count (slices x joints)
     peaks: dict[str, float] = field(default_factory=dict)  # per channel, the highest heatmap value over the slices
     reasons: list[dict[str, str]] = field(default_factory=list)  # per slice, side -> why it has no contour
+
+    @property
+    def failures(self) -> dict[str, int]:
+        """Walk failure reason -> count (slices x joints)."""
+        return count_reasons(self.reasons)
 
     @property
     def found(self) -> dict[str, int]:
@@ -181,10 +185,9 @@ def contour_series(unet: nn.Module, role: str, datasets: Sequence[Dataset], size
     contours, _ = consistent_contours(walked, size)
     for before, after, why in zip(walked, contours, reasons):
         why.update({side: WRONG_HALF for side in SIDES if before.get(side) is not None and after.get(side) is None})
-    failures = count_reasons(reasons)
     peaks = {name: float(outputs[:, i].max()) for i, name in enumerate(("left_start", "left_end")) }
     peaks.update({name: float(outputs[:, 4 + i].max()) for i, name in enumerate(("right_start", "right_end"))})
-    return SeriesContours(role, list(datasets), series, contours, failures, peaks, reasons)
+    return SeriesContours(role, list(datasets), series, contours, peaks, reasons)
 
 
 def regions_of(contoured: SeriesContours) -> JointRegions:
