@@ -830,7 +830,17 @@ def cmd_train(args: argparse.Namespace, config: Config | None, out: Output) -> i
     from pipeline.training import TrainingUsageError, train_chain
 
     try:
-        pack = train_chain(args.chain, Path(args.data), Path(args.out), epochs=args.epochs, seed=args.seed, progress=not out.json, cache=Path(args.cache) if args.cache else None)
+        pack = train_chain(
+            args.chain,
+            Path(args.data),
+            Path(args.out),
+            epochs=args.epochs,
+            seed=args.seed,
+            progress=not out.json,
+            cache=Path(args.cache) if args.cache else None,
+            base=Path(args.base) if args.base else None,
+            retrain=[part.strip() for part in args.retrain.split(",") if part.strip()] if args.retrain else None,
+        )
     except TrainingUsageError as error:
         raise CLIError(str(error), EXIT_INVALID) from None
     manifest = pack.manifest
@@ -1007,6 +1017,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int, default=None)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--cache", default=None, help="folder for preprocessed studies, reused by later runs (chains that keep one: t1stir-3d, ct-slices)")
+    train.add_argument("--base", default=None, help="a pack of the chain to start from (t1stir-3d, t1stir-quadrants)")
+    train.add_argument(
+        "--retrain", default=None,
+        help="with --base, the comma-separated parts to train again, the rest kept: t1stir-3d outputs, t1stir-quadrants phases (contouring, classifier)",
+    )
     evaluate = add("evaluate", cmd_evaluate, "evaluate a model pack on held-out phantom studies")
     evaluate.add_argument("pack")
     evaluate.add_argument("--data", required=True)

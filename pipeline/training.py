@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from pipeline.packs import ModelPack, load_pack
+from pipeline.packs import ModelPack, PackError, load_pack
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -64,11 +64,53 @@ class TrainingUsageError(ValueError):
     """A training or evaluation request the chain cannot serve (the CLI exits 2 with it)."""
 
 
-def train_chain(chain: str, data: Path, out: Path, *, epochs: int | None = None, seed: int = 0, progress: bool = True, cache: Path | None = None) -> ModelPack:
+def train_chain(
+    chain: str,
+    data: Path,
+    out: Path,
+    *,
+    epochs: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    cache: Path | None = None,
+    base: Path | None = None,
+    retrain: Sequence[str] | None = None,
+) -> ModelPack:
     """Train ``chain`` on phantom studies in ``data`` and write a pack to ``out``; ``cache``: a folder
-    for the chain's preprocessed studies, for chains whose ``train`` takes one."""
+    for the chain's preprocessed studies, for chains whose ``train`` takes one.  ``base``: a pack of the
+    chain to start from, and ``retrain`` which of its parts to train again (the rest is kept), for
+    chains whose ``train`` takes a base pack (t1stir-3d: outputs; t1stir-quadrants: phases)."""
     train = _module(chain).train
-    return train(Path(data), Path(out), epochs=epochs, seed=seed, progress=progress, **_cache_argument(train, chain, cache))
+    extra = {**_cache_argument(train, chain, cache), **_base_arguments(train, chain, base, retrain)}
+    return train(Path(data), Path(out), epochs=epochs, seed=seed, progress=progress, **extra)
+
+
+#: per chain trainer, the name of its argument that says which parts of a base pack to train again
+RETRAIN_ARGUMENTS = ("tasks", "phases")
+
+
+def _base_arguments(function: Any, chain: str, base: Path | None, retrain: Sequence[str] | None) -> dict[str, Any]:
+    """``base=`` (the loaded pack) and the chain's own "what to train again" argument; clear errors where the chain
+    or the combination does not allow them."""
+    if base is None:
+        if retrain:
+            raise TrainingUsageError("--retrain needs --base: the pack whose other parts are kept")
+        return {}
+    parameters = inspect.signature(function).parameters
+    if "base" not in parameters:
+        raise TrainingUsageError(f"chain {chain} does not train from a base pack: leave out --base")
+    try:
+        pack = load_pack(base, chain)
+    except PackError as error:
+        raise TrainingUsageError(str(error)) from None
+    if not retrain:
+        return {"base": pack}
+    (name,) = [p for p in RETRAIN_ARGUMENTS if p in parameters]
+    known = getattr(_module(chain), name.upper())  # the trainer's module lists them: TASKS, PHASES
+    unknown = sorted(set(retrain) - set(known))
+    if unknown:
+        raise TrainingUsageError(f"chain {chain} has no part {', '.join(unknown)} to train again: choose from {', '.join(known)}")
+    return {"base": pack, name: list(retrain)}
 
 
 def evaluate_pack(pack_dir: Path, data: Path, out: Path | None = None, cache: Path | None = None) -> dict[str, Any]:

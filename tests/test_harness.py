@@ -12,6 +12,8 @@ from torch import nn
 from pipeline.evaluation import CaseResult, OutputSpec, compare_reports, evaluation_report, subgroup_metrics, write_evaluation
 from pipeline.training import fit, write_training_report
 
+REPO = Path(__file__).resolve().parent.parent
+
 
 def _scripted_fit(losses: list[float], **options: object) -> tuple[nn.Linear, object]:
     """A one-weight model whose weight is set to the epoch number; validation returns the scripted loss."""
@@ -90,3 +92,24 @@ def test_cache_is_refused_in_words_by_a_chain_without_one(tmp_path: Path) -> Non
 
     with pytest.raises(TrainingUsageError, match="xr-anatomy keeps no preprocessing cache"):
         train_chain("xr-anatomy", tmp_path, tmp_path / "pack", cache=tmp_path / "cache")
+
+
+def test_base_and_retrain_are_refused_in_words_where_they_cannot_apply(tmp_path: Path) -> None:
+    """``sijnode train --base/--retrain``: every misuse is a usage error (exit 2) with a sentence, before any training."""
+    from node.cli import main
+    from pipeline.training import TrainingUsageError, train_chain
+
+    quadrants = REPO / "packs" / "t1stir-quadrants-demo"
+    with pytest.raises(TrainingUsageError, match="--retrain needs --base"):
+        train_chain("t1stir-quadrants", tmp_path, tmp_path / "pack", retrain=["classifier"])
+    with pytest.raises(TrainingUsageError, match="xr-anatomy does not train from a base pack"):
+        train_chain("xr-anatomy", tmp_path, tmp_path / "pack", base=quadrants)
+    with pytest.raises(TrainingUsageError, match="is for chain 't1stir-quadrants', not 't1stir-3d'"):
+        train_chain("t1stir-3d", tmp_path, tmp_path / "pack", base=quadrants)
+    with pytest.raises(TrainingUsageError, match="no part denoiser to train again: choose from contouring, classifier"):
+        train_chain("t1stir-quadrants", tmp_path, tmp_path / "pack", base=quadrants, retrain=["denoiser"])
+    with pytest.raises(TrainingUsageError, match="t1stir-3d has no part bogus to train again: choose from .*structural_lesions"):
+        train_chain("t1stir-3d", tmp_path, tmp_path / "pack", base=REPO / "packs" / "t1stir-3d-demo", retrain=["bogus"])
+    args = ["train", "t1stir-quadrants", "--data", str(tmp_path), "--out", str(tmp_path / "pack"), "--base", str(quadrants), "--retrain", "nothing"]
+    assert main(args) == 2
+    assert not (tmp_path / "pack").exists()

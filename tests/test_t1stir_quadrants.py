@@ -675,6 +675,50 @@ def test_train_and_evaluate_through_the_cli_on_three_phantoms(tmp_path) -> None:
     assert [c["study"] for c in report["cases"]] == ["SYNTH-94204:left", "SYNTH-94204:right"]
     assert report["contour_error"]["joints_on_slices"] > 0 and "pooled" in report
     assert (pack.folder / "contour_error.png").stat().st_size > 0 and (pack.folder / "roc.png").stat().st_size > 0
+    # the classifier learnt from the regions of the contours its U-Net walks, or, where a one-epoch U-Net walks
+    # none, from the true joint lines; the validation joints say which
+    assert training["recipe"]["classifier_regions"] == "walked"
+    validation = pack.manifest.evaluation["validation"]
+    assert 0 <= validation["joints_on_walked_regions"] <= validation["joints"] == 2 * len(training["split"]["validation"])
+
+    # the classifier trained again from this pack: the U-Net's weights kept bit for bit, the classifier's changed
+    from pipeline.chains.t1stir_quadrants.train import train
+
+    retrain = ["--base", str(pack.folder), "--retrain", "classifier"]
+    assert main(["train", "t1stir-quadrants", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "again"), "--epochs", "1", "--json", *retrain]) == 0
+    again = load_pack(tmp_path / "again")
+    before, after = pack.load_state_dict(), again.load_state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("contour."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("classifier."))
+    report = json.loads((again.folder / "training.json").read_text())
+    assert set(report["phases"]) == {"lesion classifier"} and report["base"]["kept"] == ["contouring"]
+    assert report["split"] == training["split"]  # the base's studies stay on their side of its split
+    with pytest.raises(ValueError, match="phases"):
+        train(tmp_path / "data", tmp_path / "none", epochs=1, progress=False, phases=("classifier",))
+
+
+def test_thresholds_reach_the_specificity_asked_for_on_the_validation_joints() -> None:
+    from pipeline.chains.t1stir_quadrants.train import lesion_thresholds, specific_threshold
+
+    rng = np.random.default_rng(0)
+    labels = (rng.random(400) < 0.2).astype(int)
+    scores = np.clip(rng.normal(0.35 + 0.3 * labels, 0.15), 0, 1).astype(np.float32)
+    for specificity in (0.9, 0.95, 0.99):
+        cut = specific_threshold(labels, scores, specificity)
+        assert np.mean(scores[labels == 0] < cut) >= specificity
+        assert cut == round(cut, 4)  # on the manifest's grid, and still above the negatives it must keep below
+        # the lowest such cut-off: one grid step lower, one more negative would reach it
+        assert np.mean(scores[labels == 0] < cut - 1e-4) < specificity or cut - 1e-4 <= scores[labels == 0].min()
+    truth = np.zeros((100, len(GRADED_OUTPUTS)), int)
+    values = rng.random((100, len(GRADED_OUTPUTS)))
+    truth[:20] = 1
+    values[:20] += 0.5  # positives score higher: Youden's cut-off lies low, the specificity rule raises it
+    youden = lesion_thresholds(truth, values)
+    strict = lesion_thresholds(truth, values, 0.99)
+    assert set(strict) == set(youden) and all(strict[k] >= youden[k] for k in strict)
+    negatives = values[20:, [GRADED_OUTPUTS.index(o) for o in GRADED_OUTPUTS if o.startswith("fat")]].ravel()
+    assert np.mean(negatives < strict["fat"]) >= 0.99
 
 
 def test_walked_contours_on_the_wrong_half_are_dropped() -> None:
@@ -686,6 +730,6 @@ def test_walked_contours_on_the_wrong_half_are_dropped() -> None:
     contours.append({"left": line + [40, 0], "right": mirrored})  # 40 px lower: joint ends move between slices, kept
     contours.append({"left": mirrored, "right": None})  # "left" traced on the patient's right half
     kept, dropped = consistent_contours(contours, 224)
-    assert dropped == 1
+    assert dropped == [{}] * 6 + [{"left": "on the other joint's half of the image"}]
     assert [c["left"] is not None for c in kept] == [True] * 6 + [False]
     assert all(c["right"] is not None for c in kept[:6])

@@ -27,7 +27,7 @@ import numpy as np
 from pydicom import Dataset, dcmread
 
 from pipeline.chains.t1stir_3d.model import SEQUENCES
-from pipeline.chains.t1stir_3d.preprocess import GRID_KEYS, PreparedPair, SemicoronalGrid, classifier_voxels, prepare_pair, volume_from_datasets
+from pipeline.chains.t1stir_3d.preprocess import GRID_KEYS, PreparedPair, classifier_voxels, prepare_pair, study_grid, volume_from_datasets
 from pipeline.evaluation import phantom_subgroups
 from pipeline.phantom.lesions import STRUCTURAL_TYPES
 from pipeline.phantom.study import GROUND_TRUTH_FILE, phantom_study_folders
@@ -97,7 +97,7 @@ class Case:
         centres = [lesion["center_lps_mm"] for lesion in truth["lesions"] if lesion["type"] in LESION_TYPES[task]]
         if not centres:
             return np.zeros((0, 3))
-        grid = SemicoronalGrid.centred_on(volume_from_datasets(self.datasets("T1"))[1], settings["grid_size"], settings["grid_spacing_mm"])
+        grid = study_grid(volume_from_datasets(self.datasets("T1"))[1], settings)
         return classifier_voxels(grid.voxel_of(np.asarray(centres, dtype=float)), settings, settings["classifier_size"])
 
 

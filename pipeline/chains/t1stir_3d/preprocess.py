@@ -246,13 +246,18 @@ class PreparedPair:
     series: dict[str, PreparedSeries]  # "T1", "STIR"
 
 
+def study_grid(t1_image: sitk.Image, settings: Mapping[str, Any]) -> SemicoronalGrid:
+    """The grid a study is resampled onto: the T1 volume's axes and centre, the preprocessing's size and spacing."""
+    return SemicoronalGrid.centred_on(t1_image, settings["grid_size"], settings["grid_spacing_mm"])
+
+
 def prepare_pair(t1: Sequence[Dataset], stir: Sequence[Dataset], settings: Mapping[str, Any], *, correct: bool = True) -> PreparedPair:
     """Both series on one grid, clipped and bias-corrected; :class:`NoOverlapError` when they do not overlap.
 
     ``correct=False`` stops after resampling (for callers that hold the corrected volumes already).
     """
     volumes = {"T1": volume_from_datasets(t1), "STIR": volume_from_datasets(stir)}
-    grid = SemicoronalGrid.centred_on(volumes["T1"][1], settings["grid_size"], settings["grid_spacing_mm"])
+    grid = study_grid(volumes["T1"][1], settings)
     overlap = overlap_fraction(volumes["T1"][1], volumes["STIR"][1], grid)
     minimum = float(settings["min_overlap"])
     if overlap < minimum:

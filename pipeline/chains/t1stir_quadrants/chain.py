@@ -77,15 +77,11 @@ def quadrant_place(output: str) -> tuple[Site, Region] | None:
 
 
 def key_slice(analysis: StudyAnalysis, sequence: str) -> int:
-    """The slice whose two traced joint lines are longest together (where both joints show best)."""
+    """The slice shown: of those where both joint lines were traced, the one whose less certain contour is the most
+    certain (:func:`~.inference.contour_confidence`); the first slice when no slice has both."""
     contoured = analysis.contoured[sequence]
-
-    def total(contours: Mapping[str, np.ndarray | None]) -> float:
-        if any(contours.get(side) is None for side in SIDES):
-            return -1.0
-        return sum(float(np.linalg.norm(np.diff(contours[side], axis=0), axis=1).sum()) for side in SIDES)
-
-    return int(np.argmax([total(c) for c in contoured.contours]))
+    scores = [min(c.values()) if len(c) == len(SIDES) else -1.0 for c in contoured.confidence]
+    return int(np.argmax(scores)) if scores else 0
 
 
 def polyline_length_mm(points: np.ndarray, dataset: Dataset) -> float:

@@ -194,7 +194,7 @@ def joint_loss(
 
 # ------------------------------------------------------------------ the demonstration trainer (``sijnode train t1stir-quadrants``)
 CHAIN = "t1stir-quadrants"
-PACK_VERSION = "0.1.0"
+PACK_VERSION = "0.2.0"
 #: narrow networks that train on a 2-core CPU in minutes; the 224 contouring grid stays the paper's
 DEMO_HYPERPARAMETERS: dict[str, Any] = {
     "unet_features": [8, 16, 32, 64, 128, 8],
@@ -242,6 +242,13 @@ class Recipe:
     classifier_epochs: int | None = None  # default: the ``epochs`` argument
     trace_weight: float = 0.01
     patience: int = 6
+    #: where the classifier's joint regions come from: "walked" (the trained U-Net's own contours, as at inference;
+    #: a study whose contours give no region falls back to its true joint lines) or "true" (the phantom's joint lines)
+    classifier_regions: str = "walked"
+    #: the least pooled specificity per lesion type on the validation joints that a threshold must reach (28 outputs
+    #: per study compound per-output false calls: at 0.99 a healthy joint's 14 outputs stay below threshold ~87 % of
+    #: the time even if they were independent)
+    specificity: float = 0.99
 
 
 def _contour_set(cases: Sequence[Any], size: int, bar: Any, what: str) -> list[dict[str, Any]]:
@@ -321,19 +328,30 @@ def _train_contouring(unet: torch.nn.Module, train_set: list[dict], validation_s
     return fit(unet, epochs, train_epoch, validate, phase="contouring U-Net", monitor="walked_below_2.76_mm", mode="max", validate_before=True, progress=bar)
 
 
-def _joint_set(cases: Sequence[Any], roi_size: int, bar: Any, what: str) -> list[dict[str, Any]]:
-    """Per joint of each study: T1 / STIR crops from the regions of the phantom's true joint lines, labels, truth."""
+def _joint_set(cases: Sequence[Any], roi_size: int, bar: Any, what: str, unet: torch.nn.Module | None = None) -> list[dict[str, Any]]:
+    """Per joint of each study: T1 / STIR crops, labels, truth.  The crops come from the regions of the contours
+    ``unet`` walks (as the chain cuts them; ``regions`` "walked") or, without ``unet`` or where the walked contours
+    give no region, from the phantom's true joint lines (``regions`` "true")."""
     from pipeline.phantom.lesions import SIDES
 
     from .data import SEQUENCES, joint_crops, phantom_contours, series_regions, series_volume
+    from .inference import contour_series, regions_of
+    from .regions import RegionError
 
     task = bar.add_task(f"joint crops {what}", total=len(cases), status="")
     joints = []
     for case in cases:
-        crops = {}
+        crops, sources = {}, {}
         for sequence in SEQUENCES:
-            _, series = case.coronal(sequence)
-            regions = series_regions(phantom_contours(series, case.joint_lines(sequence)))
+            datasets, series = case.coronal(sequence)
+            regions, sources[sequence] = None, "true"
+            if unet is not None:
+                try:
+                    regions, sources[sequence] = regions_of(contour_series(unet, sequence, datasets, series.frame.size)), "walked"
+                except RegionError:
+                    pass
+            if regions is None:
+                regions = series_regions(phantom_contours(series, case.joint_lines(sequence)), series.frame.size)
             volume = series_volume(series.images)
             crops[sequence] = {side: joint_crops(volume, regions, side, roi_size) for side in SIDES}
         for side in SIDES:
@@ -341,6 +359,7 @@ def _joint_set(cases: Sequence[Any], roi_size: int, bar: Any, what: str) -> list
                 {
                     "case": case,
                     "side": side,
+                    "regions": "walked" if set(sources.values()) == {"walked"} else "true",
                     "inputs": {s: torch.from_numpy(crops[s][side])[:, None].float() for s in SEQUENCES},
                     "labels": {k: torch.from_numpy(v).long() for k, v in case.labels[side].items()},
                     "truth": case.truth[side],
@@ -404,13 +423,27 @@ def _train_classifier(networks: Any, train_joints: list[dict], validation_joints
         finite = [a for a in aucs if np.isfinite(a)]
         return {"validation_loss": float(np.mean(losses)), "validation_mean_auc": float(np.mean(finite)) if finite else float("nan")}
 
-    return fit(networks.classifier, epochs, train_epoch, validate, phase="lesion classifier", patience=recipe.patience, progress=bar)
+    # the annotator matrices are kept from the same epoch as the classifier: the consensus output is B_R1R2 p
+    trained = torch.nn.ModuleDict({"classifier": networks.classifier, "annotators": networks.annotators})
+    return fit(trained, epochs, train_epoch, validate, phase="lesion classifier", patience=recipe.patience, progress=bar)
 
 
-def lesion_thresholds(truth: np.ndarray, scores: np.ndarray) -> dict[str, float]:
-    """Per lesion type one operating threshold (Youden's J over its outputs pooled over quadrants and joints of the
-    validation phantoms; 0.5 where the validation set has no positive or no negative): our choice, the paper does
-    not give its cut-offs."""
+def specific_threshold(labels: np.ndarray, scores: np.ndarray, specificity: float) -> float:
+    """The lowest cut-off (``score >= cut-off`` is positive) at which at least ``specificity`` of the negatives stay
+    below, on the manifest's 4-decimal grid (rounded up, so that the rounded threshold still keeps them below)."""
+    negatives = np.sort(np.asarray(scores, dtype=float)[np.asarray(labels) == 0])
+    if negatives.size == 0:
+        return 0.5
+    allowed = int(np.floor((1.0 - specificity) * negatives.size + 1e-9))  # negatives that may reach the cut-off
+    above = negatives[negatives.size - allowed - 1]  # the highest negative that must stay below
+    return float(np.ceil(float(above) * 1e4 + 1e-6) / 1e4)
+
+
+def lesion_thresholds(truth: np.ndarray, scores: np.ndarray, specificity: float = 0.0) -> dict[str, float]:
+    """Per lesion type one operating threshold over its outputs pooled over quadrants and joints of the validation
+    phantoms: Youden's J, raised where needed until the pooled specificity reaches ``specificity`` (0.5 where the
+    validation set has no positive or no negative).  Our choice, the paper does not give its cut-offs: a study has
+    28 outputs, so a per-output false-call rate compounds into false findings on healthy joints."""
     from pipeline.chains.t1stir_3d.train import youden_threshold
     from pipeline.phantom.readers import GRADED_OUTPUTS, output_lesion_type
 
@@ -418,8 +451,18 @@ def lesion_thresholds(truth: np.ndarray, scores: np.ndarray) -> dict[str, float]
     for kind in LESION_CONCEPTS:
         columns = [k for k, o in enumerate(GRADED_OUTPUTS) if output_lesion_type(o) == kind]
         labels, values = truth[:, columns].ravel(), scores[:, columns].ravel()
-        thresholds[kind] = youden_threshold(labels, values) if 0 < labels.sum() < labels.size else 0.5
+        if not 0 < labels.sum() < labels.size:
+            thresholds[kind] = 0.5
+            continue
+        threshold = youden_threshold(labels, values)
+        if specificity > 0:
+            threshold = max(threshold, min(specific_threshold(labels, values, specificity), 0.999))
+        thresholds[kind] = float(threshold)
     return thresholds
+
+
+#: the trainer's two phases, in order
+PHASES: tuple[str, ...] = ("contouring", "classifier")
 
 
 def train(
@@ -432,37 +475,54 @@ def train(
     hyperparameters: Mapping[str, Any] | None = None,
     recipe: Recipe | None = None,
     contour_epochs: int | None = None,
+    base: Any | None = None,
+    phases: Sequence[str] = PHASES,
 ) -> Any:
-    """Train the contouring U-Net, then the lesion classifier with the annotator matrices, on the phantoms in ``data``."""
+    """Train the contouring U-Net, then the lesion classifier with the annotator matrices, on the phantoms in ``data``.
+
+    With ``base`` (a pack this trainer made), its networks are the starting point: the phases named in ``phases``
+    train further from its weights, the others' weights are kept bit for bit.  The thresholds are always chosen
+    again on the validation joints, through the networks as they leave this run."""
+    import json
     import time
     from dataclasses import asdict
 
     from pipeline.packs import write_pack
     from pipeline.phantom.readers import GRADED_OUTPUTS, output_lesion_type
-    from pipeline.training import count_parameters, progress_display, seed_everything, split_by_patient, write_training_report
+    from pipeline.training import TRAINING_REPORT, count_parameters, progress_display, seed_everything, split_by_patient, write_training_report
 
     from .data import describe, find_cases
-    from .inference import build_networks
+    from .inference import build_networks, load_networks
 
     started = time.perf_counter()
     recipe = recipe or Recipe()
+    phases = tuple(p for p in PHASES if p in phases)
+    if not phases or set(phases) != set(PHASES) and base is None:
+        raise ValueError(f"phases must be some of {PHASES} (all of them without a base pack), got {phases}")
+    if recipe.classifier_regions not in ("walked", "true"):
+        raise ValueError(f"classifier_regions must be 'walked' or 'true', got {recipe.classifier_regions!r}")
     epochs = 8 if epochs is None else int(epochs)
     contour_epochs = epochs if contour_epochs is None else int(contour_epochs)
     classifier_epochs = recipe.classifier_epochs or epochs
-    hyper = dict(hyperparameters or DEMO_HYPERPARAMETERS)
+    hyper = dict(hyperparameters or DEMO_HYPERPARAMETERS) if base is None else dict(base.manifest.architecture.hyperparameters["networks"])
     seed_everything(seed)
     cases = find_cases(data)
+    # with a base pack, its studies stay on their side of its split (what its networks saw stays out of validation);
+    # only the studies new to it are split
+    kept = {} if base is None else json.loads((base.folder / TRAINING_REPORT).read_text())["split"]
+    new_cases = [c for c in cases if c.study not in {*kept.get("training", ()), *kept.get("validation", ())}]
     train_cases, validation_cases = split_by_patient(
-        cases, recipe.validation_fraction, seed, patient=lambda c: c.patient_id, label=lambda c: bool(sum(t.sum() for t in c.truth.values()))
-    )
-    networks = build_networks(hyper)
+        new_cases, recipe.validation_fraction, seed, patient=lambda c: c.patient_id, label=lambda c: bool(sum(t.sum() for t in c.truth.values()))
+    ) if len(new_cases) >= 2 else (new_cases, [])
+    training_studies = {*kept.get("training", ()), *(c.study for c in train_cases)}
+    validation_studies = {*kept.get("validation", ()), *(c.study for c in validation_cases)}
+    train_cases = [c for c in cases if c.study in training_studies]
+    validation_cases = [c for c in cases if c.study in validation_studies]
+    if not train_cases or not validation_cases:
+        raise ValueError(f"{data}: no {'training' if not train_cases else 'validation'} studies after the split")
+    networks = build_networks(hyper) if base is None else load_networks(base)
     size, roi = networks.hyperparameters.contour_size, networks.hyperparameters.roi_size
-    # The two phases are independent (the classifier learns from the regions of the phantoms' true joint
-    # lines), so they run side by side, one torch thread each.
-    from concurrent.futures import ThreadPoolExecutor
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    walked = recipe.classifier_regions == "walked"
     contour_rng, classifier_rng = np.random.default_rng(seed), np.random.default_rng(seed + 1)
 
     def contour_phase(bar: Any) -> Any:
@@ -470,24 +530,45 @@ def train(
         contour_validation = _contour_set(validation_cases[: recipe.contour_validation_studies], size, bar, "validation")
         return _train_contouring(networks.unet, contour_train, contour_validation, contour_epochs, recipe, contour_rng, bar)
 
+    def joint_set(cases: Sequence[Any], bar: Any, what: str) -> list[dict]:
+        networks.unet.eval()
+        return _joint_set(cases, roi, bar, what, networks.unet if walked else None)
+
     def classifier_phase(bar: Any) -> tuple[Any, list[dict]]:
-        train_joints = _joint_set(train_cases, roi, bar, "training")
-        validation_joints = _joint_set(validation_cases, roi, bar, "validation")
+        train_joints = joint_set(train_cases, bar, "training")
+        validation_joints = joint_set(validation_cases, bar, "validation")
         return _train_classifier(networks, train_joints, validation_joints, classifier_epochs, recipe, classifier_rng, bar), validation_joints
 
-    try:
-        with progress_display(progress) as bar, ThreadPoolExecutor(2) as pool:
-            contour_job, classifier_job = pool.submit(contour_phase, bar), pool.submit(classifier_phase, bar)
-            contouring = contour_job.result()
-            classifying, validation_joints = classifier_job.result()
-    finally:
-        torch.set_num_threads(threads)
+    contouring = classifying = None
+    with progress_display(progress) as bar:
+        if phases == PHASES and not walked:
+            # Independent phases (the classifier learns from the true joint lines' regions): side by side, one
+            # torch thread each.
+            from concurrent.futures import ThreadPoolExecutor
+
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                with ThreadPoolExecutor(2) as pool:
+                    contour_job, classifier_job = pool.submit(contour_phase, bar), pool.submit(classifier_phase, bar)
+                    contouring = contour_job.result()
+                    classifying, validation_joints = classifier_job.result()
+            finally:
+                torch.set_num_threads(threads)
+        else:  # the classifier learns from the regions of the contours the U-Net walks: after it
+            if "contouring" in phases:
+                contouring = contour_phase(bar)
+            if "classifier" in phases:
+                classifying, validation_joints = classifier_phase(bar)
+            else:
+                validation_joints = joint_set(validation_cases, bar, "validation")
     networks.unet.eval(), networks.classifier.eval(), networks.annotators.eval()
     from .inference import consensus_probabilities
 
     scores = np.stack([consensus_probabilities(networks, j["inputs"]) for j in validation_joints])
     truth = np.stack([j["truth"] for j in validation_joints])
-    thresholds = lesion_thresholds(truth, scores)
+    thresholds = lesion_thresholds(truth, scores, recipe.specificity)
+    walked_joints = sum(j["regions"] == "walked" for j in validation_joints)
     training, held, everything = describe(train_cases), describe(validation_cases), describe(cases)
     manifest = {
         "name": "t1stir-quadrants-demo",
@@ -517,14 +598,20 @@ def train(
             "regions": "walked contours on the wrong half of the image dropped "
             "(inference.consistent_contours); pipeline/chains/t1stir_quadrants/regions.py: levelled by the joints' upper/lower points, one static box per joint over all slices",
             "classifier_input": f"every slice's box resampled to {roi} x {roi} (bilinear) from the 224 grid, z-score over the series",
-            "demo_deviation": "narrow networks (architecture.hyperparameters.narrower_than_published); classifier trained on the regions of the phantoms' true joint lines (at inference: the regions of the walked contours)",
+            "demo_deviation": "narrow networks (architecture.hyperparameters.narrower_than_published); "
+            + (
+                "classifier trained on the regions of the contours the pack's U-Net walks, as at inference (the true joint lines' regions where they give none)"
+                if walked
+                else "classifier trained on the regions of the phantoms' true joint lines (at inference: the regions of the walked contours)"
+            ),
         },
         "outputs": [
             {
                 "name": output,
                 "concept": LESION_CONCEPTS[output_lesion_type(output)],
                 "threshold": round(thresholds[output_lesion_type(output)], 4),
-                "description": f"consensus (R1R2) probability of {output.replace('_', ' ')} per joint; threshold per lesion type, Youden on the validation phantoms",
+                "description": f"consensus (R1R2) probability of {output.replace('_', ' ')} per joint; threshold per lesion type on the "
+                f"validation phantoms: Youden, raised until the pooled specificity is at least {recipe.specificity:g}",
             }
             for output in GRADED_OUTPUTS
         ],
@@ -535,7 +622,7 @@ def train(
             "Labels: the phantom's simulated readers (2 readers x 3 sessions with known confusion, and the consensus labels R1R2, R1, R2). No patient data."
         ),
         "intended_use": INTENDED_USE,
-        "evaluation": {"validation": {"joints": len(validation_joints), "thresholds": {k: round(v, 4) for k, v in thresholds.items()}}},
+        "evaluation": {"validation": {"joints": len(validation_joints), "joints_on_walked_regions": walked_joints, "thresholds": {k: round(v, 4) for k, v in thresholds.items()}}},
     }
     pack = write_pack(out, manifest, networks.state_dict())
     write_training_report(
@@ -544,7 +631,7 @@ def train(
         seed=seed,
         seconds=time.perf_counter() - started,
         parameters=sum(count_parameters(m) for m in networks.modules().values()),
-        phases=[contouring, classifying],
+        phases=[phase for phase in (contouring, classifying) if phase is not None],
         split={"training": [c.study for c in train_cases], "validation": [c.study for c in validation_cases]},
         recipe={
             **asdict(recipe),
@@ -553,10 +640,17 @@ def train(
             "optimizer": "Adam (beta 0.9 / 0.999)",
             "contour_loss": f"weighted L2 on heatmaps (1 + {HEATMAP_WEIGHT:g} x target) + L2 on the unit vector field weighted 1 + {FIELD_WEIGHT:g} x the target field's local change (train.field_weights)",
             "contour_augmentation": asdict(DEMO_AUGMENTATION),
-            "concurrency": "contouring and classifier phases in two threads, one torch thread each",
+            "phases": list(phases),
+            "concurrency": "contouring and classifier phases in two threads, one torch thread each"
+            if phases == PHASES and not walked
+            else "phases one after the other (the classifier learns from the regions of the U-Net's walked contours)",
             "classifier_loss": f"binary cross-entropy of every reader / consensus label set against its annotator-tree node (present labels weighted {recipe.positive_weight:g}) + trace penalty",
         },
-        extra={"thresholds": thresholds, "data": {"training": training, "validation": held}},
+        extra={
+            "thresholds": thresholds,
+            "data": {"training": training, "validation": held},
+            **({} if base is None else {"base": {"pack": f"{base.manifest.name} {base.manifest.version}", "weights_sha256": base.manifest.weights.sha256, "kept": [p for p in PHASES if p not in phases], "training": json.loads((base.folder / TRAINING_REPORT).read_text())}}),
+        },
     )
     return pack
 
