@@ -733,3 +733,23 @@ def test_walked_contours_on_the_wrong_half_are_dropped() -> None:
     assert dropped == [{}] * 6 + [{"left": "on the other joint's half of the image"}]
     assert [c["left"] is not None for c in kept] == [True] * 6 + [False]
     assert all(c["right"] is not None for c in kept[:6])
+
+
+def test_only_confident_contours_shape_the_regions() -> None:
+    """A stray walk the network is unsure of (here 60 px off) neither tilts nor widens its joint's region."""
+    from types import SimpleNamespace
+
+    from pipeline.chains.t1stir_quadrants.data import series_regions
+    from pipeline.chains.t1stir_quadrants.inference import SeriesContours, confident_contours, regions_of
+
+    line = np.stack([np.linspace(80, 130, 20), np.linspace(150, 160, 20)], axis=1)  # left joint: image right
+    mirrored = line * [1, -1] + [0, 223]
+    contours = [{"left": line, "right": mirrored} for _ in range(4)] + [{"left": line + [60, 30], "right": mirrored}]
+    confidence = [{"left": 0.8, "right": 0.7}] * 4 + [{"left": 0.3, "right": 0.7}]
+    grid = SimpleNamespace(frame=SimpleNamespace(size=224))  # regions need only the grid's size
+    contoured = SeriesContours("T1", [], grid, contours, confidence=confidence)  # type: ignore[arg-type]
+    kept = confident_contours(contoured)
+    assert [c["left"] is not None for c in kept] == [True] * 4 + [False] and all(c["right"] is not None for c in kept)
+    with_stray = series_regions(contours, 224)
+    without = series_regions(contours[:4], 224)
+    assert regions_of(contoured).boxes == without.boxes != with_stray.boxes

@@ -328,7 +328,7 @@ def _train_contouring(unet: torch.nn.Module, train_set: list[dict], validation_s
     return fit(unet, epochs, train_epoch, validate, phase="contouring U-Net", monitor="walked_below_2.76_mm", mode="max", validate_before=True, progress=bar)
 
 
-def _joint_set(cases: Sequence[Any], roi_size: int, bar: Any, what: str, unet: torch.nn.Module | None = None) -> list[dict[str, Any]]:
+def _joint_set(cases: Sequence[Any], roi_size: int, bar: Any, what: str, unet: torch.nn.Module | None = None, size: int = 224) -> list[dict[str, Any]]:
     """Per joint of each study: T1 / STIR crops, labels, truth.  The crops come from the regions of the contours
     ``unet`` walks (as the chain cuts them; ``regions`` "walked") or, without ``unet`` or where the walked contours
     give no region, from the phantom's true joint lines (``regions`` "true")."""
@@ -343,11 +343,14 @@ def _joint_set(cases: Sequence[Any], roi_size: int, bar: Any, what: str, unet: t
     for case in cases:
         crops, sources = {}, {}
         for sequence in SEQUENCES:
-            datasets, series = case.coronal(sequence)
             regions, sources[sequence] = None, "true"
-            if unet is not None:
+            if unet is None:
+                _, series = case.coronal(sequence, size)
+            else:
+                contoured = contour_series(unet, sequence, case.datasets(sequence), size)
+                series = contoured.series
                 try:
-                    regions, sources[sequence] = regions_of(contour_series(unet, sequence, datasets, series.frame.size)), "walked"
+                    regions, sources[sequence] = regions_of(contoured), "walked"
                 except RegionError:
                     pass
             if regions is None:
@@ -532,7 +535,7 @@ def train(
 
     def joint_set(cases: Sequence[Any], bar: Any, what: str) -> list[dict]:
         networks.unet.eval()
-        return _joint_set(cases, roi, bar, what, networks.unet if walked else None)
+        return _joint_set(cases, roi, bar, what, networks.unet if walked else None, size)
 
     def classifier_phase(bar: Any) -> tuple[Any, list[dict]]:
         train_joints = joint_set(train_cases, bar, "training")
