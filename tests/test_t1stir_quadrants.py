@@ -696,6 +696,8 @@ def test_train_and_evaluate_through_the_cli_on_three_phantoms(tmp_path) -> None:
     assert report["split"] == training["split"]  # the base's studies stay on their side of its split
     with pytest.raises(ValueError, match="phases"):
         train(tmp_path / "data", tmp_path / "none", epochs=1, progress=False, phases=("classifier",))
+    with pytest.raises(ValueError, match="phases"):
+        train(tmp_path / "data", tmp_path / "none", epochs=1, progress=False, base=pack, phases=("classifier", "denoiser"))
 
 
 def test_thresholds_reach_the_specificity_asked_for_on_the_validation_joints() -> None:

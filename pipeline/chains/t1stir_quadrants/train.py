@@ -499,9 +499,9 @@ def train(
 
     started = time.perf_counter()
     recipe = recipe or Recipe()
+    if not phases or set(phases) - set(PHASES) or set(phases) != set(PHASES) and base is None:
+        raise ValueError(f"phases must be some of {PHASES} (all of them without a base pack), got {tuple(phases)}")
     phases = tuple(p for p in PHASES if p in phases)
-    if not phases or set(phases) != set(PHASES) and base is None:
-        raise ValueError(f"phases must be some of {PHASES} (all of them without a base pack), got {phases}")
     if recipe.classifier_regions not in ("walked", "true"):
         raise ValueError(f"classifier_regions must be 'walked' or 'true', got {recipe.classifier_regions!r}")
     epochs = 8 if epochs is None else int(epochs)
