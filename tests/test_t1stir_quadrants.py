@@ -610,8 +610,8 @@ def _demo_chain():  # noqa: ANN202
 @needs_demo_pack
 @pytest.mark.slow
 def test_chain_decides_every_quadrant_of_both_joints_from_its_networks_alone(tmp_path) -> None:  # noqa: ANN001
-    """A left lower-ilium edema phantom (DICOM files only: no mask or ground truth reaches the chain); the demo
-    pack analyses this one (it fails to trace the joints of others, see its EVALUATION.md)."""
+    """A left lower-ilium edema phantom (DICOM files only: no mask or ground truth reaches the chain) through the
+    demonstration pack."""
     from pipeline.chains import StudyInputs
     from pipeline.phantom import generate_study
     from pipeline.results import Laterality, MapMeaning, Region, Scope, Site
