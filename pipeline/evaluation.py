@@ -49,6 +49,25 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(np.trapezoid(tpr, fpr))
 
 
+def youden_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The cut-off maximising sensitivity + specificity - 1 on validation scores."""
+    fpr, tpr, thresholds = roc_curve(labels, scores)
+    finite = np.isfinite(thresholds)
+    best = int(np.argmax(np.where(finite, tpr - fpr, -np.inf)))
+    return float(np.clip(thresholds[best], 0.01, 0.99))
+
+
+def specific_threshold(labels: np.ndarray, scores: np.ndarray, specificity: float) -> float:
+    """The lowest cut-off (``score >= cut-off`` is positive) at which at least ``specificity`` of the negatives stay
+    below, on the manifest's 4-decimal grid (rounded up, so that the rounded threshold still keeps them below)."""
+    negatives = np.sort(np.asarray(scores, dtype=float)[np.asarray(labels) == 0])
+    if negatives.size == 0:
+        return 0.5
+    allowed = int(np.floor((1.0 - specificity) * negatives.size + 1e-9))  # negatives that may reach the cut-off
+    above = negatives[negatives.size - allowed - 1]  # the highest negative that must stay below
+    return float(np.ceil(float(above) * 1e4 + 1e-6) / 1e4)
+
+
 def threshold_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:
     """Accuracy, sensitivity, specificity, balanced accuracy and F1 at ``score >= threshold``."""
     labels = np.asarray(labels, dtype=bool)

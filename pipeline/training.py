@@ -12,7 +12,8 @@ epoch's steps); the loop is here, the same for every chain:
   selection (or the last epoch), early stopping, the best weights restored;
 - :func:`write_training_report`: ``training.json`` in one schema (recipe, split, each phase's
   history and selected epoch, threads, seconds);
-- :func:`seed_ranges` and :func:`count_parameters` for manifests.
+- :func:`seed_ranges` and :func:`count_parameters` for manifests;
+- :func:`augment_slices`: a chain's MONAI augmentation applied to a stack of slices.
 
 The evaluation report (one schema for every chain) is :mod:`pipeline.evaluation`.
 """
@@ -32,6 +33,7 @@ import numpy as np
 from pipeline.packs import ModelPack, PackError, load_pack
 
 if TYPE_CHECKING:
+    import torch
     from rich.progress import Progress
     from torch import nn
 
@@ -105,7 +107,10 @@ def _base_arguments(function: Any, chain: str, base: Path | None, retrain: Seque
         raise TrainingUsageError(str(error)) from None
     if not retrain:
         return {"base": pack}
-    (name,) = [p for p in RETRAIN_ARGUMENTS if p in parameters]
+    names = [p for p in RETRAIN_ARGUMENTS if p in parameters]
+    if len(names) != 1:
+        raise TrainingUsageError(f"chain {chain} trains from a base pack only as a whole: leave out --retrain")
+    (name,) = names
     known = getattr(_module(chain), name.upper())  # the trainer's module lists them: TASKS, PHASES
     unknown = sorted(set(retrain) - set(known))
     if unknown:
@@ -342,6 +347,23 @@ def fit(
         model.load_state_dict(best_state)
     model.eval()
     return result
+
+
+def augment_slices(transform: Any, slices: torch.Tensor, *, per_slice: bool) -> torch.Tensor:
+    """``slices`` (slices, channels, H, W) through a seeded MONAI transform on channel-first 2-D arrays: each slice
+    with its own draw (``per_slice``), or all with one (the slices and channels ride in MONAI's channel dimension,
+    so one spatial transform moves every slice of an acquisition alike)."""
+    import torch
+    from monai.data import MetaTensor
+
+    def run(stack: torch.Tensor) -> torch.Tensor:
+        shape = stack.shape
+        out = transform(stack.reshape(-1, *shape[-2:]))
+        out = out.as_tensor() if isinstance(out, MetaTensor) else torch.as_tensor(out)
+        return out.reshape(shape).to(torch.float32)
+
+    slices = slices.float()
+    return torch.stack([run(s) for s in slices]) if per_slice else run(slices)
 
 
 def optimizer_step(optimizer: Any, loss: Any, schedule: Any = None) -> float:

@@ -110,6 +110,14 @@ def test_base_and_retrain_are_refused_in_words_where_they_cannot_apply(tmp_path:
         train_chain("t1stir-quadrants", tmp_path, tmp_path / "pack", base=quadrants, retrain=["denoiser"])
     with pytest.raises(TrainingUsageError, match="t1stir-3d has no part bogus to train again: choose from .*structural_lesions"):
         train_chain("t1stir-3d", tmp_path, tmp_path / "pack", base=REPO / "packs" / "t1stir-3d-demo", retrain=["bogus"])
+    # a trainer that takes a base pack but names no parts trains it again as a whole
+    from pipeline.training import _base_arguments
+
+    def whole_only(data: Path, out: Path, *, base: object = None) -> None: ...
+
+    with pytest.raises(TrainingUsageError, match="t1stir-quadrants trains from a base pack only as a whole: leave out --retrain"):
+        _base_arguments(whole_only, "t1stir-quadrants", quadrants, ["classifier"])
+    assert set(_base_arguments(whole_only, "t1stir-quadrants", quadrants, None)) == {"base"}
     args = ["train", "t1stir-quadrants", "--data", str(tmp_path), "--out", str(tmp_path / "pack"), "--base", str(quadrants), "--retrain", "nothing"]
     assert main(args) == 2
     assert not (tmp_path / "pack").exists()

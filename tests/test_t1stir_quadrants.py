@@ -499,6 +499,26 @@ def test_augmentation_moves_image_maps_and_field_together(coronal_t1):
             assert contour_rms_mm(walk.vertices, move.points(polylines[joint], 224), spacing) < 0.6
 
 
+def test_crop_augmentation_moves_all_slices_alike_and_keeps_lesions_in_their_quadrant():
+    """The classifier's augmentation: seeded, one draw for every slice of a crop, small enough that a spot in the
+    middle of a quadrant stays in that quadrant; probability 0 leaves crops untouched."""
+    from pipeline.chains.t1stir_quadrants.train import Recipe, crop_augmentation
+    from pipeline.training import augment_slices
+
+    crop = torch.zeros(4, 1, 64, 64)
+    crop[:, :, 12:20, 12:20] = 5.0  # the middle of the upper left quadrant, on every slice
+    noiseless = Recipe(crop_noise=0.0)  # the noise is drawn per pixel; the rest once per crop
+    runs = [[augment_slices(transform, crop, per_slice=False) for _ in range(20)] for transform in (crop_augmentation(noiseless, 7), crop_augmentation(noiseless, 7))]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))  # the seed fixes the draws
+    assert any(not torch.equal(out, crop) for out in runs[0])
+    for out in runs[0]:
+        assert all(torch.equal(out[0], out[k]) for k in range(1, 4))  # one draw for all slices of the crop
+        row, col = np.unravel_index(int(out[0, 0].argmax()), (64, 64))
+        assert row < 32 and col < 32
+    untouched = crop_augmentation(Recipe(crop_probability=0.0), 7)
+    assert torch.equal(augment_slices(untouched, crop, per_slice=False), crop)
+
+
 def test_contour_loss_weights_heatmap_peaks_and_learns_a_batch():
     from pipeline.chains.t1stir_quadrants.model import build_contour_unet, Hyperparameters
     from pipeline.chains.t1stir_quadrants.targets import contour_targets
@@ -679,7 +699,7 @@ def test_train_and_evaluate_through_the_cli_on_three_phantoms(tmp_path) -> None:
     # none, from the true joint lines; the validation joints say which
     assert training["recipe"]["classifier_regions"] == "walked"
     validation = pack.manifest.evaluation["validation"]
-    assert 0 <= validation["joints_on_walked_regions"] <= validation["joints"] == 2 * len(training["split"]["validation"])
+    assert validation["joints_on_walked_regions"] <= validation["joints"] == 2 * len(training["split"]["validation"])
 
     # the classifier trained again from this pack: the U-Net's weights kept bit for bit, the classifier's changed
     from pipeline.chains.t1stir_quadrants.train import train
@@ -701,7 +721,8 @@ def test_train_and_evaluate_through_the_cli_on_three_phantoms(tmp_path) -> None:
 
 
 def test_thresholds_reach_the_specificity_asked_for_on_the_validation_joints() -> None:
-    from pipeline.chains.t1stir_quadrants.train import lesion_thresholds, specific_threshold
+    from pipeline.chains.t1stir_quadrants.train import lesion_thresholds
+    from pipeline.evaluation import specific_threshold
 
     rng = np.random.default_rng(0)
     labels = (rng.random(400) < 0.2).astype(int)

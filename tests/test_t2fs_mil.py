@@ -25,13 +25,13 @@ from pipeline.chains.t2fs_mil.model import (
 )
 from pipeline.chains.t2fs_mil.preprocess import order_slices, preprocess_series
 from pipeline.chains.t2fs_mil.inference import OUTPUT
-from pipeline.chains.t2fs_mil.train import DEMO_HYPERPARAMETERS, WITHOUT_TTA, Recipe, augment, augmentation, evaluate, train
+from pipeline.chains.t2fs_mil.train import DEMO_HYPERPARAMETERS, WITHOUT_TTA, Recipe, augmentation, evaluate, train
 from pipeline.evaluation import METRICS as EVALUATION_METRICS
 from pipeline.packs import PackError, load_pack
 from pipeline.phantom import generate_study, write_study
 from pipeline.results import ChainResult, MapMeaning, Scope, Site
 from pipeline.route import ChainSpec
-from pipeline.training import count_parameters, split_by_patient
+from pipeline.training import augment_slices, count_parameters, split_by_patient
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_PACK = REPO / "packs" / "t2fs-mil-demo"
@@ -437,21 +437,21 @@ def _distinct_slices(count: int = 3, size: int = 16) -> torch.Tensor:
 def test_the_augmentation_is_the_papers_flips_and_intensity_changes_seeded() -> None:
     slices = _distinct_slices()
     flips_only = Recipe(horizontal_flip=1.0, vertical_flip=1.0, intensity_probability=0.0)
-    assert torch.equal(augment(augmentation(flips_only, 0), slices, per_slice=False), slices.flip(-1).flip(-2))
+    assert torch.equal(augment_slices(augmentation(flips_only, 0), slices, per_slice=False), slices.flip(-1).flip(-2))
     mirror_only = Recipe(horizontal_flip=1.0, vertical_flip=0.0, intensity_probability=0.0)
-    assert torch.equal(augment(augmentation(mirror_only, 0), slices, per_slice=True), slices.flip(-1))
+    assert torch.equal(augment_slices(augmentation(mirror_only, 0), slices, per_slice=True), slices.flip(-1))
 
     # intensity only: the geometry stays, the values change, each within its declared range
     intensity = Recipe(horizontal_flip=0.0, vertical_flip=0.0, intensity_probability=1.0, gamma=(1.0, 1.0), contrast=0.0, brightness=0.2)
-    shifted = augment(augmentation(intensity, 1), slices, per_slice=False)
+    shifted = augment_slices(augmentation(intensity, 1), slices, per_slice=False)
     offset = shifted - slices
     assert torch.allclose(offset, offset.flatten()[0].expand_as(offset), atol=1e-5)  # one draw for the whole bag
     assert 0 < abs(float(offset.flatten()[0])) <= 0.2
-    per_slice = augment(augmentation(intensity, 1), slices, per_slice=True) - slices
+    per_slice = augment_slices(augmentation(intensity, 1), slices, per_slice=True) - slices
     assert len({round(float(o.flatten()[0]), 5) for o in per_slice}) == len(slices)  # one draw per slice
 
     # seeded: the same seed gives the same draws, another seed others
     recipe = Recipe()
-    runs = [[augment(transform, slices, per_slice=False) for _ in range(6)] for transform in (augmentation(recipe, 7), augmentation(recipe, 7), augmentation(recipe, 8))]
+    runs = [[augment_slices(transform, slices, per_slice=False) for _ in range(6)] for transform in (augmentation(recipe, 7), augmentation(recipe, 7), augmentation(recipe, 8))]
     assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
     assert not all(torch.equal(a, b) for a, b in zip(runs[0], runs[2]))

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from pipeline.chains.t1stir_quadrants.data import SEQUENCES, contour_samples, phantom_contours, series_of, series_regions, series_volume, sorted_slices
-from pipeline.chains.t1stir_quadrants.inference import QuadrantGradCAM, build_networks, consensus_probabilities, joint_inputs, unet_outputs, walk_series
+from pipeline.chains.t1stir_quadrants.inference import QuadrantGradCAM, build_networks, consensus_probabilities, joint_inputs, unet_outputs, walk_reasons
 from pipeline.chains.t1stir_quadrants.model import Hyperparameters
 from pipeline.phantom import SIDES, generate_study
 
@@ -62,7 +62,7 @@ def main() -> None:
     outputs = {s: timed("contouring U-Net", unet_outputs, networks.unet, series[s].images) for s in SEQUENCES}
     truths = {s: phantom_contours(series[s], study.masks[f"{s}_joint_line"]) for s in SEQUENCES}
     fields = {s: contour_samples(series[s], truths[s])[1] for s in SEQUENCES}  # the true maps, to walk
-    walked = {s: timed("contour walk (true fields)", walk_series, fields[s])[0] for s in SEQUENCES}
+    walked = {s: timed("contour walk (true fields)", walk_reasons, fields[s])[0] for s in SEQUENCES}
     regions = {s: timed("regions", series_regions, walked[s]) for s in SEQUENCES}
     volumes = {s: series_volume(series[s].images) for s in SEQUENCES}
     roi = networks.hyperparameters.roi_size

@@ -64,8 +64,8 @@ from pipeline.evaluation import (
     evaluation_report,
     manifest_summary,
     pack_identity,
-    roc_curve,
     write_evaluation,
+    youden_threshold,
 )
 from pipeline.packs import HELD_OUT, ModelPack, update_evaluation, write_pack
 from pipeline.training import (
@@ -276,14 +276,6 @@ def _train_head(network: DualEncoderClassifier, inputs: torch.Tensor, labels: np
     result = fit(network.head, epochs, train_epoch, validate, phase=f"whole studies {task}", validate_before=True, patience=recipe.patience, progress=bar)
     network.eval()
     return result
-
-
-def youden_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
-    """The cut-off maximising sensitivity + specificity - 1 (the paper fixed its cut-offs on the validation set)."""
-    fpr, tpr, thresholds = roc_curve(labels, scores)
-    finite = np.isfinite(thresholds)
-    best = int(np.argmax(np.where(finite, tpr - fpr, -np.inf)))
-    return float(np.clip(thresholds[best], 0.01, 0.99))
 
 
 def train(

@@ -136,12 +136,6 @@ def unet_outputs(unet: nn.Module, images: np.ndarray, batch: int = 8) -> np.ndar
         return np.concatenate([unet(inputs[i : i + batch].to(device)).float().cpu().numpy() for i in range(0, len(inputs), batch)])
 
 
-def walk_series(outputs: np.ndarray) -> tuple[list[dict[str, np.ndarray | None]], dict[str, int]]:
-    """Per slice the walked contours (None where the walk failed) and the failures by reason."""
-    contours, reasons = walk_reasons(outputs)
-    return contours, count_reasons(reasons)
-
-
 def count_reasons(reasons: Sequence[Mapping[str, str]]) -> dict[str, int]:
     """Per-slice failure reasons -> how often each occurs."""
     return dict(Counter(reason for slice_reasons in reasons for reason in slice_reasons.values()))

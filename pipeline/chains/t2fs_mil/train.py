@@ -83,6 +83,7 @@ from pipeline.evaluation import (
 from pipeline.packs import HELD_OUT, ModelPack, update_evaluation, write_pack
 from pipeline.training import (
     FitResult,
+    augment_slices,
     count_parameters,
     demo_intended_use,
     fit,
@@ -180,7 +181,7 @@ def _shift(slices: torch.Tensor, rng: np.random.Generator, pixels: int) -> torch
 
 def augmentation(recipe: Recipe, seed: int) -> Any:
     """The paper's training augmentation as a seeded MONAI ``Compose`` on a channel-first
-    (channels, rows, columns) array; :func:`augment` applies it to slices or bags."""
+    (channels, rows, columns) array; :func:`pipeline.training.augment_slices` applies it to slices or bags."""
     from monai.transforms import Compose, RandAdjustContrast, RandFlip, RandScaleIntensity, RandShiftIntensity
 
     transform = Compose(
@@ -194,21 +195,6 @@ def augmentation(recipe: Recipe, seed: int) -> Any:
     )
     transform.set_random_state(seed=seed % 2**32)
     return transform
-
-
-def augment(transform: Any, slices: torch.Tensor, *, per_slice: bool) -> torch.Tensor:
-    """``slices`` (slices, channels, H, W) augmented: each slice with its own draw (``per_slice``),
-    or the whole bag with one (its slices and channels ride in MONAI's channel dimension)."""
-    from monai.data import MetaTensor
-
-    def run(stack: torch.Tensor) -> torch.Tensor:
-        shape = stack.shape
-        out = transform(stack.reshape(-1, *shape[-2:]))
-        out = out.as_tensor() if isinstance(out, MetaTensor) else torch.as_tensor(out)
-        return out.reshape(shape).to(torch.float32)
-
-    slices = slices.float()
-    return torch.stack([run(s) for s in slices]) if per_slice else run(slices)
 
 
 def _warm_up_encoder(
@@ -237,7 +223,7 @@ def _warm_up_encoder(
             + [negatives[i] for i in rng.integers(len(negatives), size=recipe.slice_batch - half - quarter)]
         )
         slices = torch.stack([bags[b].slices[s] for b, s in chosen])
-        slices = _shift(augment(transform, slices, per_slice=True), rng, recipe.shift_pixels)
+        slices = _shift(augment_slices(transform, slices, per_slice=True), rng, recipe.shift_pixels)
         targets = torch.tensor([float(bags[b].slice_labels[s]) for b, s in chosen])
         loss = optimizer_step(optimizer, loss_function(head(model.encoder(slices)).squeeze(-1), targets), schedule)
         running.append(loss)
@@ -266,7 +252,7 @@ def _features(
     features = []
     for bag in bags:
         slices = bag.slices.float()
-        augmented = [augment(transform, slices, per_slice=False) for _ in range(views if transform is not None else 0)]
+        augmented = [augment_slices(transform, slices, per_slice=False) for _ in range(views if transform is not None else 0)]
         features.append(tuple(model.encode(view, 16) for view in (slices, flip_horizontal(slices), *augmented)))
         bar.advance(task)
     return features
@@ -389,7 +375,7 @@ def train(
             running = 0.0
             order = rng.permutation(len(bags))
             for index in order:
-                slices = augment(transform, bags[index].slices, per_slice=False)
+                slices = augment_slices(transform, bags[index].slices, per_slice=False)
                 running += optimizer_step(optimizer, loss_function(model.forward_bag(slices).logit.reshape(1), torch.tensor([labels[index]])))
             return {"train_loss": running / len(order)}
 
