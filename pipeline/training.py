@@ -108,7 +108,7 @@ def _base_arguments(function: Any, chain: str, base: Path | None, retrain: Seque
     if not retrain:
         return {"base": pack}
     names = [p for p in RETRAIN_ARGUMENTS if p in parameters]
-    if len(names) != 1:
+    if not names:
         raise TrainingUsageError(f"chain {chain} trains from a base pack only as a whole: leave out --retrain")
     (name,) = names
     known = getattr(_module(chain), name.upper())  # the trainer's module lists them: TASKS, PHASES

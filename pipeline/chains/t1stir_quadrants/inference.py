@@ -129,9 +129,9 @@ class SeriesContours:
 def unet_outputs(unet: nn.Module, images: np.ndarray, batch: int = 2) -> np.ndarray:
     """The contouring U-Net on a series' 224-grid slices (slices, H, W) -> outputs (slices, 8, H, W).
 
-    Two slices at a time: at the published widths the first level's activations are ~13 MB per slice and
-    channel group, and on 2 CPU threads 18 slices took 12.5 s and 1.0 GB peak RSS in batches of 2 against
-    13.8 s and 1.9 GB in batches of 8 (bench/t1stir_quadrants/study_inference.py)."""
+    Two slices at a time: at the published widths one 64-channel map of the first level is 12.8 MB per slice,
+    and on 2 CPU threads 18 slices took 12.5 s and 1.0 GB peak RSS in batches of 2 against 13.8 s and 1.9 GB
+    in batches of 8 (bench/README.md, t1stir-quadrants study benchmark)."""
     from pipeline.chains.base import inference_context
 
     inputs = torch.from_numpy(normalise_slices(images)[:, None])
