@@ -251,9 +251,8 @@ class Recipe:
     specificity: float = 0.99
     #: the classifier's crop augmentation (ours: the paper gives none for the classifier), one draw per sequence's crop
     #: so all its slices move alike, as at inference where one box serves every slice; each kind with probability
-    #: ``crop_probability`` (0 switches the augmentation off).  The box of a walked contour lands a few crop pixels
-    #: off the true lines' box, and without it the classifier overfitted within 8 epochs (0.2.0's training.json:
-    #: training loss 12.9 -> 10.1, validation 12.7 -> 12.1 -> 12.7).
+    #: ``crop_probability`` (0 switches the augmentation off).  Without it the classifier overfitted within 8 epochs
+    #: (0.2.0's training.json: training loss 12.9 -> 10.1, validation 12.7 -> 12.1 -> 12.7).
     crop_probability: float = 0.5
     crop_shift_px: float = 3.0  # RandAffine translation, crop pixels
     crop_scale: float = 0.10  # RandAffine zoom +- this fraction
